@@ -1,0 +1,297 @@
+"""The declaration model: collectors, their SQL variants and the metrics they yield.
+
+Every reader (engine, exposition, docs, dashboards, alert rules, tests) goes through
+the one validated catalog built here, so a metric name exists in exactly one place.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import pkgutil
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from exporter.db import Session
+    from exporter.engine import RunContext
+
+MetricKind = Literal["counter", "gauge", "info"]
+Scope = Literal["server", "database"]
+Role = Literal["any", "primary", "standby"]
+TargetKind = Literal["postgres", "pgbouncer"]
+
+Row = dict[str, Any]
+Rows = list[Row]
+#: Custom fetch: runs inside the guarded transaction, returns rows (used where one SQL is not enough).
+FetchHook = Callable[["Session", "RunContext", str | None], Rows]
+#: Post-processing of fetched rows (top-N selection, pool matching, ...).
+TransformHook = Callable[[Rows, "RunContext"], Rows]
+
+#: The version space a variant range is expressed in: PostgreSQL's server_version_num.
+PG_MIN_SUPPORTED = 120000
+PG_MAX_SUPPORTED = 190000  # exclusive: 18.x is the newest major we test
+VERSION_INFINITY = 10**9
+
+_METRIC_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
+_LABEL_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
+RESERVED_LABELS = ("target",)
+
+
+class CatalogError(ValueError):
+    """A declaration breaks a catalog rule; raised when the catalog loads."""
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric a collector yields: name, type, help and where its value and labels come from."""
+
+    name: str
+    kind: MetricKind
+    help: str
+    value: str | None = None  # result column holding the value; None for info metrics (value 1)
+    labels: tuple[str, ...] = ()  # result columns that become labels (``target`` is added by the engine)
+    unit: str = ""  # documentation: seconds, bytes, ratio, ...
+    scale: float = 1.0  # multiply the column by this (milliseconds to seconds: 0.001)
+    per_target: bool = True  # False only for process-wide self-metrics (no target label)
+
+    @property
+    def exposition_type(self) -> str:
+        """The TYPE word in the Prometheus text format."""
+        return "gauge" if self.kind == "info" else self.kind
+
+
+@dataclass(frozen=True)
+class SqlVariant:
+    """The SQL for one version range ``[min_version, max_version)`` of the collector's version source."""
+
+    sql: str
+    min_version: int = 0
+    max_version: int = VERSION_INFINITY
+
+    def covers(self, version: int) -> bool:
+        """True when this variant is the one to run on ``version``."""
+        return self.min_version <= version < self.max_version
+
+
+@dataclass(frozen=True)
+class Param:
+    """A user-tunable collector parameter, passed to SQL as a named parameter."""
+
+    name: str
+    default: int | float | bool | str
+    help: str
+
+
+@dataclass(frozen=True)
+class Collector:
+    """A query family member: what to run, where, how often, and the metrics it yields."""
+
+    name: str
+    family: str
+    help: str
+    metrics: tuple[MetricSpec, ...]
+    variants: tuple[SqlVariant, ...] = ()
+    interval: float = 30.0
+    timeout: float = 5.0
+    scope: Scope = "server"
+    role: Role = "any"
+    extension: str | None = None  # must be installed in the database the query runs in
+    version_source: str = "server"  # "server", or an extension name whose installed version decides
+    min_server_version: int = 0  # below this the collector does not apply (no variant needed)
+    preload: str | None = None  # library that must be in shared_preload_libraries
+    target_kind: TargetKind = "postgres"
+    params: tuple[Param, ...] = ()
+    fetch: FetchHook | None = None
+    transform: TransformHook | None = None
+    max_series: int = 20000  # hard safety bound per run; top-N collectors stay far below it
+    enabled: bool = True
+    notes: str = ""  # extra documentation for docs/metrics.md
+
+    def variant_for(self, version: int) -> SqlVariant | None:
+        """The SQL variant for ``version``, or None when no variant covers it."""
+        for variant in self.variants:
+            if variant.covers(version):
+                return variant
+        return None
+
+    def param_defaults(self) -> dict[str, Any]:
+        """Parameter names mapped to their declared defaults."""
+        return {p.name: p.default for p in self.params}
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """The validated set of collectors and every metric they (and the exporter itself) yield."""
+
+    collectors: tuple[Collector, ...]
+    self_metrics: tuple[MetricSpec, ...]
+    by_name: Mapping[str, Collector] = field(default_factory=dict)
+    metric_owner: Mapping[str, str] = field(default_factory=dict)
+
+    def metrics(self) -> Iterable[MetricSpec]:
+        """Every metric spec: the collectors' first, then the exporter's own."""
+        for collector in self.collectors:
+            yield from collector.metrics
+        yield from self.self_metrics
+
+    def metric(self, name: str) -> MetricSpec:
+        """The spec of metric ``name``; KeyError if we do not export it."""
+        for spec in self.metrics():
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+    def metric_names(self) -> frozenset[str]:
+        """All metric names the exporter can expose."""
+        return frozenset(spec.name for spec in self.metrics())
+
+
+def _self_metric(name: str, kind: MetricKind, help_: str, labels: tuple[str, ...], unit: str = "") -> MetricSpec:
+    return MetricSpec(name=name, kind=kind, help=help_, labels=labels, unit=unit)
+
+
+#: Metrics the engine itself yields about targets and collectors.
+SELF_METRICS: tuple[MetricSpec, ...] = (
+    _self_metric("pg_up", "gauge", "1 when the last connection attempt to the PostgreSQL target succeeded.", ()),
+    _self_metric("pgbouncer_up", "gauge", "1 when the last connection to the PgBouncer admin console succeeded.", ()),
+    _self_metric(
+        "pgvitals_collector_success",
+        "gauge",
+        "1 when the collector's last run succeeded on every database it covers, 0 when it failed.",
+        ("collector",),
+    ),
+    _self_metric(
+        "pgvitals_collector_duration_seconds",
+        "gauge",
+        "Wall time of the collector's last run.",
+        ("collector",),
+        "seconds",
+    ),
+    _self_metric(
+        "pgvitals_collector_last_success_timestamp_seconds",
+        "gauge",
+        "Unix time of the collector's last successful run; time() minus this is the age of its data.",
+        ("collector",),
+        "seconds",
+    ),
+    _self_metric(
+        "pgvitals_collector_errors_total",
+        "counter",
+        "Failed runs of the collector (per database run for per-database collectors).",
+        ("collector", "reason"),
+    ),
+    _self_metric(
+        "pgvitals_collector_series",
+        "gauge",
+        "Series the collector's last successful run produced.",
+        ("collector",),
+    ),
+    _self_metric(
+        "pgvitals_collector_skipped",
+        "gauge",
+        "1 when the collector does not apply to the target (reason: version, role, extension, preload, "
+        "privilege, disabled).",
+        ("collector", "reason"),
+    ),
+    _self_metric(
+        "pgvitals_collector_data_age_seconds",
+        "gauge",
+        "Seconds since the data served for this collector was collected.",
+        ("collector",),
+        "seconds",
+    ),
+    MetricSpec(name="pgvitals_build_info", kind="info", help="pgvitals build information (value 1).",
+               labels=("version",), per_target=False),
+)
+
+
+def validate(collectors: Sequence[Collector], self_metrics: Sequence[MetricSpec] = SELF_METRICS) -> Catalog:
+    """Check every catalog rule and return the catalog; raise CatalogError listing all violations."""
+    problems: list[str] = []
+    names: dict[str, str] = {}
+    owners: dict[str, str] = {spec.name: "pgvitals" for spec in self_metrics}
+    for collector in collectors:
+        where = f"collector {collector.name!r}"
+        if collector.name in names:
+            problems.append(f"{where}: duplicate collector name")
+        names[collector.name] = collector.name
+        if collector.timeout >= collector.interval:
+            problems.append(f"{where}: timeout {collector.timeout}s must be below interval {collector.interval}s")
+        if not collector.variants and collector.fetch is None:
+            problems.append(f"{where}: needs SQL variants or a fetch hook")
+        problems.extend(_overlaps(collector))
+        for spec in collector.metrics:
+            problems.extend(_check_metric(spec, where))
+            if spec.name in owners:
+                problems.append(f"{where}: metric {spec.name} already declared by {owners[spec.name]}")
+            owners[spec.name] = collector.name
+    for spec in self_metrics:
+        problems.extend(_check_metric(spec, "self metrics"))
+    if problems:
+        raise CatalogError("invalid catalog:\n  " + "\n  ".join(problems))
+    return Catalog(
+        collectors=tuple(collectors),
+        self_metrics=tuple(self_metrics),
+        by_name={c.name: c for c in collectors},
+        metric_owner=owners,
+    )
+
+
+def _check_metric(spec: MetricSpec, where: str) -> list[str]:
+    problems = []
+    if not _METRIC_NAME.match(spec.name):
+        problems.append(f"{where}: bad metric name {spec.name!r}")
+    if spec.kind == "counter" and not spec.name.endswith("_total"):
+        problems.append(f"{where}: counter {spec.name} must end in _total")
+    if spec.kind != "counter" and spec.name.endswith("_total"):
+        problems.append(f"{where}: {spec.name} ends in _total but is a {spec.kind}")
+    if spec.kind == "info" and spec.value is not None:
+        problems.append(f"{where}: info metric {spec.name} takes no value column")
+    if not spec.help.strip():
+        problems.append(f"{where}: metric {spec.name} has no help text")
+    for label in spec.labels:
+        if not _LABEL_NAME.match(label) or label in RESERVED_LABELS or label.startswith("__"):
+            problems.append(f"{where}: metric {spec.name} has bad or reserved label {label!r}")
+    if len(set(spec.labels)) != len(spec.labels):
+        problems.append(f"{where}: metric {spec.name} repeats a label")
+    return problems
+
+
+def _overlaps(collector: Collector) -> list[str]:
+    ordered = sorted(collector.variants, key=lambda v: v.min_version)
+    problems = []
+    for earlier, later in itertools.pairwise(ordered):
+        if later.min_version < earlier.max_version:
+            problems.append(
+                f"collector {collector.name!r}: variants [{earlier.min_version}, {earlier.max_version}) and "
+                f"[{later.min_version}, {later.max_version}) overlap"
+            )
+    for variant in collector.variants:
+        if variant.min_version >= variant.max_version:
+            problems.append(f"collector {collector.name!r}: empty version range [{variant.min_version}, "
+                            f"{variant.max_version})")
+    return problems
+
+
+def discover(package: str = "exporter.collectors") -> list[Collector]:
+    """Import every module of the collectors package and gather their ``COLLECTORS`` tuples."""
+    found: list[Collector] = []
+    pkg = importlib.import_module(package)
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{package}.{info.name}")
+        found.extend(getattr(module, "COLLECTORS", ()))
+    return found
+
+
+_CATALOG: Catalog | None = None
+
+
+def load() -> Catalog:
+    """The process-wide validated catalog (built once)."""
+    global _CATALOG
+    if _CATALOG is None:
+        _CATALOG = validate(discover())
+    return _CATALOG
