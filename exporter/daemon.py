@@ -1,0 +1,134 @@
+"""Lifecycle: settings -> engine -> scheduled probes and collectors -> HTTP server."""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import threading
+from datetime import datetime, timedelta
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from exporter import __version__, catalog
+from exporter.config import Settings
+from exporter.engine import Effective, Engine, TargetRuntime
+from exporter.server import MetricsServer
+from exporter.snapshot import Snapshot
+
+log = logging.getLogger("pgvitals.daemon")
+
+
+class Daemon:
+    """Runs every collector of every target on its own interval and serves the snapshot."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.catalog = catalog.load()
+        self.snapshot = Snapshot(self.catalog, __version__)
+        self.engine = Engine(self.catalog, settings, self.snapshot)
+        self.engine.on_up = self._target_up
+        workers = settings.workers or min(64, 4 + 2 * len(self.engine.targets))
+        self.scheduler = BackgroundScheduler(
+            executors={"default": ThreadPoolExecutor(max_workers=workers)},
+            job_defaults={"coalesce": True, "max_instances": 1},
+            timezone="UTC",
+        )
+        self.server: MetricsServer | None = None
+        self._ready_latched = False
+        self._stopped = threading.Event()
+
+    # -- scheduling ----------------------------------------------------------------------------
+
+    def _collector_job_id(self, runtime: TargetRuntime, eff: Effective) -> str:
+        return f"collect:{runtime.name}:{eff.collector.name}"
+
+    def _schedule(self) -> None:
+        now = datetime.now().astimezone()
+        for runtime in self.engine.targets.values():
+            self.scheduler.add_job(
+                self._probe, "date", run_date=now, args=(runtime,), id=f"probe:{runtime.name}",
+                misfire_grace_time=None,
+            )
+            for eff in self.engine.applicable(runtime):
+                # First run is triggered when the probe sees the target up; until then far in the future.
+                self.scheduler.add_job(
+                    self.engine.collect, "interval", seconds=eff.interval, args=(runtime, eff),
+                    id=self._collector_job_id(runtime, eff), jitter=min(eff.interval * 0.1, 5.0),
+                    next_run_time=now + timedelta(days=3650), misfire_grace_time=max(1, int(eff.interval)),
+                )
+
+    def _probe(self, runtime: TargetRuntime) -> None:
+        try:
+            self.engine.probe(runtime)
+        finally:
+            if not self._stopped.is_set():
+                delay = self.engine.backoff(runtime)
+                self.scheduler.add_job(
+                    self._probe, "date", run_date=datetime.now().astimezone() + timedelta(seconds=delay),
+                    args=(runtime,), id=f"probe:{runtime.name}", replace_existing=True, misfire_grace_time=None,
+                )
+
+    def _target_up(self, runtime: TargetRuntime) -> None:
+        """A target came up (first time or after an outage): collect everything soon, spread over a second."""
+        now = datetime.now().astimezone()
+        for eff in self.engine.applicable(runtime):
+            job = self.scheduler.get_job(self._collector_job_id(runtime, eff))
+            if job is not None:
+                job.modify(next_run_time=now + timedelta(seconds=random.uniform(0, 1.0)))
+
+    # -- readiness -----------------------------------------------------------------------------
+
+    def ready(self) -> tuple[bool, str]:
+        """Ready once every target has completed one collection of each collector that applies."""
+        if self._ready_latched:
+            return True, "ready"
+        pending = []
+        for runtime in self.engine.targets.values():
+            if runtime.up is None:
+                pending.append(f"{runtime.name}: not probed yet")
+                continue
+            if not runtime.up:
+                pending.append(f"{runtime.name}: not reachable ({runtime.dsn_text})")
+                continue
+            waiting = [
+                eff.collector.name for eff in self.engine.applicable(runtime)
+                if (status := self.snapshot.status(runtime.name, eff.collector.name)).runs == 0
+                and not status.skipped
+            ]
+            if waiting:
+                pending.append(f"{runtime.name}: first collection running ({', '.join(waiting[:5])}...)")
+        if pending:
+            return False, "not ready: " + "; ".join(pending)
+        self._ready_latched = True
+        return True, "ready"
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start serving and collecting (returns at once)."""
+        self.server = MetricsServer(self.settings.listen_host, self.settings.listen_port, self.snapshot, self.ready)
+        self.server.start()
+        self._schedule()
+        self.scheduler.start()
+        log.info("pgvitals %s serving http://%s:%d/metrics for %d target(s)", __version__,
+                 self.settings.listen_host, self.server.port, len(self.engine.targets))
+
+    def stop(self) -> None:
+        """Stop collecting and serving, close connections."""
+        self._stopped.set()
+        self.scheduler.shutdown(wait=False)
+        if self.server is not None:
+            self.server.stop()
+        self.engine.close()
+
+    def run_forever(self) -> None:
+        """Start, then block until SIGINT or SIGTERM."""
+        done = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: done.set())
+        self.start()
+        done.wait()
+        log.info("stopping")
+        self.stop()

@@ -1,0 +1,312 @@
+"""The one PostgreSQL access layer: guarded connections, bounded per target, and server facts."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import errors as pgerrors
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.rows import dict_row
+
+from exporter.secrets import redact
+
+Row = dict[str, Any]
+
+
+class CollectError(Exception):
+    """A classified failure of one collection; ``reason`` is a short fixed word used as a label."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(redact(message))
+        self.reason = reason
+
+
+class TargetDown(CollectError):
+    """The server could not be reached."""
+
+    def __init__(self, message: str):
+        super().__init__("connection", message)
+
+
+def classify(exc: BaseException) -> CollectError:
+    """Turn a driver exception into a CollectError with a stable reason word and a redacted message."""
+    if isinstance(exc, CollectError):
+        return exc
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, pgerrors.LockNotAvailable):
+        return CollectError("lock_timeout", f"gave up waiting for a lock: {first_line}")
+    if isinstance(exc, pgerrors.QueryCanceled):
+        return CollectError("timeout", f"cancelled by statement_timeout: {first_line}")
+    if isinstance(exc, pgerrors.InsufficientPrivilege):
+        return CollectError("permission", first_line)
+    if isinstance(exc, pgerrors.UndefinedTable | pgerrors.UndefinedColumn | pgerrors.UndefinedFunction):
+        return CollectError("missing_object", first_line)
+    if isinstance(exc, pgerrors.ObjectNotInPrerequisiteState):
+        return CollectError("not_ready", first_line)  # e.g. pg_stat_statements not preloaded
+    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError | OSError):
+        return TargetDown(first_line)
+    if isinstance(exc, psycopg.Error):
+        return CollectError("query", first_line)
+    return CollectError("internal", f"{type(exc).__name__}: {first_line}")
+
+
+def dsn_display(dsn: str) -> str:
+    """A loggable description of a DSN: host, port and database, never credentials."""
+    try:
+        params = conninfo_to_dict(dsn)
+    except Exception:
+        return "<invalid dsn>"
+    host = params.get("host") or params.get("hostaddr") or "localhost"
+    return f"{host}:{params.get('port') or 5432}/{params.get('dbname') or params.get('user') or ''}"
+
+
+@dataclass(frozen=True)
+class ConnectOptions:
+    """What every connection of a target is opened with."""
+
+    dsn: str
+    password: str | None
+    application_name: str
+    connect_timeout: float
+    pgbouncer: bool = False
+
+    def conninfo(self, dbname: str | None = None) -> str:
+        """The libpq conninfo for ``dbname`` (the DSN's own database when None)."""
+        extra: dict[str, Any] = {
+            "application_name": self.application_name,
+            "connect_timeout": max(1, round(self.connect_timeout)),
+        }
+        if not self.pgbouncer:
+            # Dead peers must not hang a worker forever: let TCP notice within about a minute.
+            extra.update(keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3)
+        if self.password is not None:
+            extra["password"] = self.password
+        if dbname is not None:
+            extra["dbname"] = dbname
+        return make_conninfo(self.dsn, **extra)
+
+
+class Session:
+    """One open connection, used for one collector run at a time."""
+
+    def __init__(self, conn: psycopg.Connection[Row], dbname: str, pgbouncer: bool):
+        self.conn = conn
+        self.dbname = dbname
+        self.pgbouncer = pgbouncer
+        self.queries = 0
+
+    @contextmanager
+    def guarded(self, timeout: float, lock_timeout: float) -> Iterator[Session]:
+        """A read-only transaction whose statements give up server-side after ``timeout``.
+
+        ``lock_timeout`` keeps a monitoring query from ever queuing behind DDL: it gives up
+        instead of joining the lock queue (and blocking everyone queued after it).
+        """
+        if self.pgbouncer:
+            yield self  # the admin console knows no transactions nor settings
+            return
+        statement_ms = max(1, int(timeout * 1000))
+        lock_ms = max(1, int(min(lock_timeout, timeout) * 1000))
+        # One round trip; values are integers we computed, never user text.
+        self.conn.execute(
+            f"BEGIN TRANSACTION READ ONLY; SET LOCAL statement_timeout = {statement_ms}; "
+            f"SET LOCAL lock_timeout = {lock_ms}; SET LOCAL idle_in_transaction_session_timeout = "
+            f"{statement_ms + 5000}"
+        )
+        try:
+            yield self
+        finally:
+            # Nothing is ever written: end the transaction, failed or not, before the next run.
+            if not self.conn.closed and self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                self.conn.execute("ROLLBACK")
+
+    def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[Row]:
+        """Run one statement and return its rows as dicts."""
+        self.queries += 1
+        with self.conn.cursor() as cur:
+            cur.execute(sql, params, prepare=False)
+            if cur.description is None:
+                return []
+            return cur.fetchall()
+
+
+class TargetConnections:
+    """A bounded set of connections to one server: at most ``limit`` open, idle ones reused per database."""
+
+    def __init__(self, options: ConnectOptions, limit: int):
+        self.options = options
+        self.limit = limit
+        self._slots = threading.BoundedSemaphore(limit)
+        self._idle: OrderedDict[str, list[psycopg.Connection[Row]]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._open = 0
+        self.default_dbname = conninfo_to_dict(options.dsn).get("dbname") or ""
+
+    @contextmanager
+    def session(self, dbname: str | None = None, wait: float = 30.0) -> Iterator[Session]:
+        """Borrow a connection to ``dbname`` (default: the DSN's database) for one run."""
+        if not self._slots.acquire(timeout=wait):
+            raise CollectError("busy", f"no connection free within {wait:g}s (max_connections={self.limit})")
+        conn = None
+        try:
+            conn = self._take(dbname)
+            session = Session(conn, dbname or str(self.default_dbname), self.options.pgbouncer)
+            yield session
+        except BaseException as exc:
+            if conn is not None and (conn.closed or conn.broken or not isinstance(exc, psycopg.Error)):
+                self._discard(conn)
+                conn = None
+            raise
+        finally:
+            if conn is not None:
+                self._give_back(dbname, conn)
+            self._slots.release()
+
+    def _take(self, dbname: str | None) -> psycopg.Connection[Row]:
+        key = dbname or ""
+        with self._lock:
+            pool = self._idle.get(key)
+            while pool:
+                conn = pool.pop()
+                if not conn.closed and not conn.broken:
+                    self._idle.move_to_end(key)
+                    return conn
+                self._open -= 1
+            # Keep the total open connections within the limit: close the least recently used idle one.
+            while self._open >= self.limit and self._close_lru_locked():
+                pass
+            self._open += 1
+        try:
+            return self._connect(dbname)
+        except BaseException:
+            with self._lock:
+                self._open -= 1
+            raise
+
+    def _connect(self, dbname: str | None) -> psycopg.Connection[Row]:
+        try:
+            if self.options.pgbouncer:
+                conn = psycopg.Connection.connect(
+                    self.options.conninfo(dbname), autocommit=True, row_factory=dict_row,
+                    prepare_threshold=None, cursor_factory=psycopg.ClientCursor,
+                )
+            else:
+                conn = psycopg.Connection.connect(
+                    self.options.conninfo(dbname), autocommit=True, row_factory=dict_row, prepare_threshold=None,
+                )
+        except psycopg.Error as exc:
+            raise TargetDown(str(exc)) from None
+        return conn
+
+    def _close_lru_locked(self) -> bool:
+        for key, pool in self._idle.items():
+            if pool:
+                conn = pool.pop(0)
+                self._open -= 1
+                conn.close()
+                return True
+            del self._idle[key]
+            return True
+        return False
+
+    def _give_back(self, dbname: str | None, conn: psycopg.Connection[Row]) -> None:
+        with self._lock:
+            self._idle.setdefault(dbname or "", []).append(conn)
+            self._idle.move_to_end(dbname or "")
+
+    def _discard(self, conn: psycopg.Connection[Row]) -> None:
+        with self._lock:
+            self._open -= 1
+        with suppress(Exception):  # closing a broken connection may raise; it is gone either way
+            conn.close()
+
+    def close_all(self) -> None:
+        """Close every idle connection (the target went down, or the daemon stops)."""
+        with self._lock:
+            pools = list(self._idle.values())
+            self._idle.clear()
+            for pool in pools:
+                for conn in pool:
+                    self._open -= 1
+                    conn.close()
+
+
+@dataclass
+class Facts:
+    """What we know about a server, refreshed by the probe; collectors are planned against it."""
+
+    version_num: int
+    version: str
+    in_recovery: bool
+    is_superuser: bool
+    roles: frozenset[str]
+    databases: tuple[str, ...]
+    preload_libraries: frozenset[str]
+    # dbname -> {extension name: (schema, version as major*100+minor)}
+    extensions: dict[str, dict[str, tuple[str, int]]] = field(default_factory=dict)
+    checked_at: float = field(default_factory=time.time)
+
+    @property
+    def major(self) -> int:
+        """The major version (12, 13, ... 18)."""
+        return self.version_num // 10000
+
+
+FACTS_SQL = """
+SELECT pg_catalog.current_setting('server_version_num')::int AS version_num,
+       pg_catalog.current_setting('server_version') AS version,
+       pg_catalog.pg_is_in_recovery() AS in_recovery,
+       r.rolsuper AS is_superuser,
+       ARRAY(SELECT b.rolname FROM pg_catalog.pg_roles b
+             WHERE b.rolname IN ('pg_monitor', 'pg_read_all_stats', 'pg_read_all_settings',
+                                 'pg_stat_scan_tables', 'pg_read_all_data')
+               AND pg_catalog.pg_has_role(r.oid, b.oid, 'USAGE')) AS roles,
+       pg_catalog.current_setting('shared_preload_libraries') AS preload
+FROM pg_catalog.pg_roles r WHERE r.rolname = current_user
+"""
+
+DATABASES_SQL = """
+SELECT datname FROM pg_catalog.pg_database
+WHERE datallowconn AND NOT datistemplate ORDER BY datname
+"""
+
+EXTENSIONS_SQL = """
+SELECT e.extname, n.nspname, e.extversion
+FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace
+"""
+
+
+def extension_version_number(text: str) -> int:
+    """``1.10`` -> 110, ``1.7`` -> 107: comparable extension versions."""
+    major, _, minor = text.partition(".")
+    digits = "".join(ch for ch in minor if ch.isdigit()) or "0"
+    return int(major) * 100 + int(digits)
+
+
+def read_facts(session: Session) -> Facts:
+    """Read version, role, privileges, databases and the DSN database's extensions."""
+    row = session.query(FACTS_SQL)[0]
+    preload = frozenset(p.strip() for p in (row["preload"] or "").split(",") if p.strip())
+    databases = tuple(r["datname"] for r in session.query(DATABASES_SQL))
+    facts = Facts(
+        version_num=row["version_num"], version=row["version"], in_recovery=row["in_recovery"],
+        is_superuser=row["is_superuser"], roles=frozenset(row["roles"]), databases=databases,
+        preload_libraries=preload,
+    )
+    facts.extensions[session.dbname] = read_extensions(session)
+    return facts
+
+
+def read_extensions(session: Session) -> dict[str, tuple[str, int]]:
+    """Extensions installed in the session's database: name -> (schema, version number)."""
+    return {
+        r["extname"]: (r["nspname"], extension_version_number(r["extversion"]))
+        for r in session.query(EXTENSIONS_SQL)
+    }
