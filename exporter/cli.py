@@ -1,0 +1,242 @@
+"""Command line: run | once | check | demo | docs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from exporter import __version__, catalog
+from exporter.config import ConfigError, Settings, load_settings
+from exporter.secrets import redact
+
+EXIT_CONFIG = 2
+EXIT_UNREACHABLE = 1
+
+log = logging.getLogger("pgvitals")
+
+
+class RedactingFormatter(logging.Formatter):
+    """Formats records as text or JSON, with every known secret removed."""
+
+    def __init__(self, json_lines: bool):
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.json_lines = json_lines
+
+    def format(self, record: logging.LogRecord) -> str:
+        if self.json_lines:
+            message = record.getMessage()
+            if record.exc_info:
+                message += "\n" + self.formatException(record.exc_info)
+            text = json.dumps({"ts": round(record.created, 3), "level": record.levelname.lower(),
+                               "logger": record.name, "msg": message})
+        else:
+            text = super().format(record)
+        return redact(text)
+
+
+def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
+    """Log to stderr through the redacting formatter."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(RedactingFormatter(fmt == "json"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    raw = None
+    if getattr(args, "dsn", None):
+        raw = {"targets": [{"name": args.name, "dsn": args.dsn}]}
+    return load_settings(Path(args.config) if args.config else None, raw=raw)
+
+
+def _config_failure(error: ConfigError, source: str | None) -> int:
+    print(f"pgvitals: invalid configuration{f' in {source}' if source else ''}:", file=sys.stderr)
+    for problem in error.problems:
+        print(f"  {redact(problem)}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Start the daemon."""
+    from exporter.daemon import Daemon
+
+    settings = _settings(args)
+    setup_logging(settings.log.level, settings.log.format)
+    Daemon(settings).run_forever()
+    return 0
+
+
+def _probe_all(args: argparse.Namespace) -> tuple[object, int]:
+    from exporter.engine import Engine
+    from exporter.snapshot import Snapshot
+
+    settings = _settings(args)
+    setup_logging(args.log_level or settings.log.level, settings.log.format)
+    cat = catalog.load()
+    engine = Engine(cat, settings, Snapshot(cat, __version__))
+    down = 0
+    for runtime in engine.targets.values():
+        if not engine.probe(runtime):
+            down += 1
+    return engine, down
+
+
+def cmd_once(args: argparse.Namespace) -> int:
+    """Run every collector once on every target and print the exposition."""
+    from exporter.engine import Engine
+
+    engine, down = _probe_all(args)
+    assert isinstance(engine, Engine)
+    for runtime in engine.targets.values():
+        if runtime.up:
+            for eff in engine.applicable(runtime):
+                engine.collect(runtime, eff)
+    sys.stdout.buffer.write(engine.snapshot.render())
+    sys.stdout.flush()
+    engine.close()
+    return EXIT_UNREACHABLE if down else 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Validate the config, connect to each target and say which collectors can run there and why not."""
+    from exporter.engine import Engine
+
+    engine, down = _probe_all(args)
+    assert isinstance(engine, Engine)
+    print(f"configuration OK: {len(engine.targets)} target(s)")
+    for runtime in engine.targets.values():
+        facts = runtime.facts
+        if not runtime.up:
+            error = "; ".join(runtime.last_errors.values()) or "connection failed"
+            print(f"\n{runtime.name} ({runtime.dsn_text}): UNREACHABLE {error}")
+            continue
+        if facts is not None:
+            roles = ", ".join(sorted(facts.roles)) or "none"
+            print(f"\n{runtime.name} ({runtime.dsn_text}): PostgreSQL {facts.version}, "
+                  f"{'standby' if facts.in_recovery else 'primary'}, "
+                  f"{'superuser' if facts.is_superuser else 'roles: ' + roles}, "
+                  f"{len(runtime.databases())} database(s) selected")
+        else:
+            print(f"\n{runtime.name} ({runtime.dsn_text}): PgBouncer admin console")
+        for eff in engine.collectors.values():
+            name = eff.collector.name
+            if eff.collector.target_kind != ("pgbouncer" if runtime.is_pgbouncer else "postgres"):
+                continue
+            if not eff.enabled:
+                print(f"  {name:<32} disabled in the configuration")
+                continue
+            started = time.monotonic()
+            engine.collect(runtime, eff)
+            status = engine.snapshot.status(runtime.name, name)
+            took = (time.monotonic() - started) * 1000
+            if status.skipped:
+                print(f"  {name:<32} cannot run here: {SKIP_REASONS.get(status.skipped, status.skipped)}"
+                      f"{_skip_detail(eff.collector, status.skipped)}")
+            elif status.success:
+                print(f"  {name:<32} ok ({status.series} series, {took:.0f} ms)")
+            else:
+                errors = [text for key, text in runtime.last_errors.items() if key.startswith(name + "/")]
+                print(f"  {name:<32} FAILED: {'; '.join(errors) or 'see log'}")
+    engine.close()
+    return EXIT_UNREACHABLE if down else 0
+
+
+SKIP_REASONS = {
+    "version": "not available on this PostgreSQL version",
+    "role": "runs only on a",
+    "extension": "extension not installed in this database",
+    "preload": "library not in shared_preload_libraries",
+    "target_kind": "not for this kind of target",
+}
+
+
+def _skip_detail(collector: catalog.Collector, reason: str) -> str:
+    if reason == "role":
+        return f" {collector.role}"
+    if reason == "extension":
+        return f" ({collector.extension}; CREATE EXTENSION {collector.extension})"
+    if reason == "preload":
+        return f" ({collector.preload})"
+    if reason == "version" and collector.min_server_version:
+        return f" (needs {collector.min_server_version // 10000}+)"
+    return ""
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Start a throwaway PostgreSQL with a small workload and the exporter on it."""
+    from exporter.demo import run_demo
+
+    setup_logging(args.log_level or "INFO")
+    return run_demo(port=args.port, duration=args.duration)
+
+
+def cmd_docs(args: argparse.Namespace) -> int:
+    """Write docs/metrics.md from the catalog."""
+    from exporter.docs import metrics_markdown
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(metrics_markdown(catalog.load()), encoding="utf-8")
+    print(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every command."""
+    parser = argparse.ArgumentParser(prog="pgvitals", description=__doc__ and "PostgreSQL exporter for Prometheus")
+    parser.add_argument("--version", action="version", version=f"pgvitals {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_source(p: argparse.ArgumentParser, dsn: bool) -> None:
+        p.add_argument("-c", "--config", help="YAML configuration file (see config.example.yaml)")
+        if dsn:
+            p.add_argument("--dsn", help="monitor one server given by this connection string instead of a config")
+            p.add_argument("--name", default="default", help="target name for --dsn (default: default)")
+        p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR")
+
+    run = sub.add_parser("run", help="run the exporter daemon", description="Run the exporter daemon: collect "
+                         "on schedule and serve /metrics, /healthz and /readyz.")
+    with_source(run, dsn=True)
+    run.set_defaults(func=cmd_run)
+    once = sub.add_parser("once", help="collect once and print the metrics", description="Run every collector "
+                          "once on every target and print the exposition to stdout. Exit 1 if a target is down.")
+    with_source(once, dsn=True)
+    once.set_defaults(func=cmd_once)
+    check = sub.add_parser("check", help="validate the config and what can run where",
+                           description="Validate the configuration, connect to each target and report, per "
+                           "collector, whether it runs there and why not.")
+    with_source(check, dsn=True)
+    check.set_defaults(func=cmd_check)
+    demo = sub.add_parser("demo", help="throwaway PostgreSQL + workload + exporter",
+                          description="Start a temporary local PostgreSQL with a small workload and the exporter "
+                          "on it; Ctrl-C stops and removes everything.")
+    demo.add_argument("--port", type=int, default=9839, help="port to serve metrics on (default 9839)")
+    demo.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    demo.add_argument("--log-level", default=None)
+    demo.set_defaults(func=cmd_demo)
+    docs = sub.add_parser("docs", help="generate docs/metrics.md", description="Write the metric reference "
+                          "generated from the collector catalog.")
+    docs.add_argument("--out", default="docs/metrics.md")
+    docs.set_defaults(func=cmd_docs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``pgvitals`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as error:
+        return _config_failure(error, getattr(args, "config", None))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

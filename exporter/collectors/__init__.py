@@ -1,0 +1,1 @@
+"""Collector declarations, one module per family; each module exposes a ``COLLECTORS`` tuple."""
