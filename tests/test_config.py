@@ -1,0 +1,128 @@
+"""Configuration: every problem at once, with its YAML path, exit code 2, no stack trace."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from exporter.cli import main
+from exporter.config import ConfigError, load_settings, parse_duration
+
+GOOD_DSN = "postgresql://mon@127.0.0.1:5432/postgres"
+ONE = f"targets: [{{name: a, dsn: '{GOOD_DSN}'}}]\n"
+
+# (name, YAML text, expected fragments of the error output)
+BROKEN = [
+    ("top-level list", "- a\n- b\n", ["(top level): expected a mapping"]),
+    ("not yaml", "targets: [\n", ["not valid YAML at line"]),
+    ("unknown top key", ONE + "listen_port: 1\n", ["listen_port: unknown key"]),
+    ("missing dsn", "targets:\n  - name: a\n  - name: b\n", ["targets[0].dsn: missing", "targets[1].dsn: missing"]),
+    ("missing name", f"targets:\n  - dsn: '{GOOD_DSN}'\n", ["targets[0].name: missing"]),
+    ("targets not a list", "targets: {name: a}\n", ["targets: Input should be a valid list"]),
+    ("unknown target key", f"targets:\n  - {{name: a, dsn: '{GOOD_DSN}', passwd: x}}\n",
+     ["targets[0].passwd: unknown key"]),
+    ("duplicate target names", f"targets:\n  - {{name: a, dsn: '{GOOD_DSN}'}}\n  - {{name: a, dsn: '{GOOD_DSN}'}}\n",
+     ["targets[1].name: duplicate of targets[0]"]),
+    ("bad dsn", "targets:\n  - {name: a, dsn: 'host=x port=5432 dbname'}\n",
+     ["targets[0].dsn: not a valid PostgreSQL connection string"]),
+    ("unreadable password_file",
+     f"targets:\n  - {{name: a, dsn: '{GOOD_DSN}', password_file: /nonexistent/pw}}\n",
+     ["targets[0].password_file: cannot read /nonexistent/pw"]),
+    ("unset password_env", f"targets:\n  - {{name: a, dsn: '{GOOD_DSN}', password_env: PGV_NOPE_XYZ}}\n",
+     ["targets[0].password_env: environment variable PGV_NOPE_XYZ is not set"]),
+    ("bad interval", ONE + "collectors:\n  pg_stat_database: {interval: soon}\n",
+     ["collectors.pg_stat_database.interval: expected a duration"]),
+    ("negative interval", ONE + "collectors:\n  pg_settings: {interval: -5}\n",
+     ["collectors.pg_settings.interval: must be a positive duration"]),
+    ("timeout above interval",
+     ONE + "collectors:\n  pg_connections: {interval: 10s, timeout: 30s}\n",
+     ["collectors.pg_connections.timeout: 30s must be shorter than the interval (10s)"]),
+    ("unknown collector", ONE + "collectors:\n  pg_nope: {enabled: false}\n",
+     ["collectors.pg_nope: unknown collector"]),
+    ("enabled not bool",
+     ONE + "collectors:\n  pg_settings: {enabled: perhaps}\n",
+     ["collectors.pg_settings.enabled: Input should be a valid boolean"]),
+    ("bad listen", f"listen: everywhere\ntargets: [{{name: a, dsn: '{GOOD_DSN}'}}]\n", ["listen: expected HOST:PORT"]),
+    ("bad max_connections", f"targets: [{{name: a, dsn: '{GOOD_DSN}', max_connections: 0}}]\n",
+     ["targets[0].max_connections: Input should be greater than or equal to 1"]),
+    ("bad label name", f"targets: [{{name: a, dsn: '{GOOD_DSN}', labels: {{'bad-label': x}}}}]\n",
+     ["targets[0].labels: label name 'bad-label' is not a valid Prometheus label name"]),
+    ("reserved label", f"targets: [{{name: a, dsn: '{GOOD_DSN}', labels: {{datname: x}}}}]\n",
+     ["targets[0].labels: label name 'datname' is set by pgvitals itself"]),
+    ("no targets", "targets: []\n", ["targets: at least one target"]),
+    ("pool without matcher", ONE + "pools: [{name: p, capacity: 10}]\n",
+     ["pools[0]: give application_name, usename or client_addr"]),
+    ("pool bad cidr",
+     ONE + "pools: [{name: p, capacity: 10, client_addr: 10.0.0.0/99}]\n",
+     ["pools[0].client_addr: expected an address range in CIDR form"]),
+    ("bad log level", ONE + "log: {level: loud}\n", ["log.level: String should"]),
+]
+
+
+@pytest.mark.parametrize(("name", "text", "expected"), BROKEN, ids=[b[0] for b in BROKEN])
+def test_broken_config_exits_2_naming_the_yaml_path(
+    name: str, text: str, expected: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("DATA_SOURCE_NAME", raising=False)
+    monkeypatch.delenv("PGVITALS_DSN", raising=False)
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    code = main(["check", "--config", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    for fragment in expected:
+        assert fragment in err, f"{fragment!r} not in:\n{err}"
+
+
+def test_every_problem_reported_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "listen: nowhere\n"
+        "targets:\n  - {name: a}\n  - {name: a, dsn: 'postgresql://x@h/db', extra: 1}\n"
+        "collectors:\n  pg_settings: {interval: 1s, timeout: 5s}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, environ={})
+    text = "\n".join(info.value.problems)
+    for fragment in ("listen:", "targets[0].dsn: missing", "targets[1].extra: unknown key",
+                     "targets[1].name: duplicate", "collectors.pg_settings.timeout"):
+        assert fragment in text
+
+
+def test_password_never_in_config_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("targets:\n  - {name: 'bad name!', dsn: 'postgresql://u:Sup3rSecretPw@h:5432/db', x: 1}\n")
+    assert main(["check", "--config", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert "Sup3rSecretPw" not in captured.err + captured.out
+
+
+def test_example_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PGVITALS_MAIN_PASSWORD", "x")
+    example = Path(__file__).parent.parent / "config.example.yaml"
+    settings = load_settings(example, environ={"PGVITALS_MAIN_PASSWORD": "x"})
+    assert settings.targets
+    assert settings.listen_port == 9839
+
+
+def test_environment_overrides_and_data_source_name() -> None:
+    settings = load_settings(raw={}, environ={
+        "DATA_SOURCE_NAME": "postgresql://mon@db:5432/postgres",
+        "PGVITALS_LISTEN": "127.0.0.1:9999",
+        "PGVITALS_LOG_LEVEL": "debug",
+    })
+    assert [t.name for t in settings.targets] == ["default"]
+    assert settings.listen_port == 9999
+    assert settings.log.level == "debug"
+
+
+def test_durations() -> None:
+    assert parse_duration("500ms") == 0.5
+    assert parse_duration("5m") == 300
+    assert parse_duration(2) == 2.0
+    for bad in ("fast", True, "-1s", 0):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
