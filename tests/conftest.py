@@ -194,3 +194,30 @@ def wait_for_metric(port: int, name: str, predicate: Callable[[float], bool] = l
 
     result: Metrics = wait_until(check, timeout=timeout, interval=0.2)
     return result
+
+
+def collect_once(server: Server, collectors: list[str] | None = None, targets: list[dict[str, Any]] | None = None,
+                 **extra: Any) -> Metrics:
+    """Probe the target(s) and run the named collectors (default: all) once, synchronously; parse the result.
+
+    Deterministic alternative to a running daemon for scenario tests: no scheduler, no waiting.
+    """
+    from exporter import __version__
+    from exporter.catalog import load
+    from exporter.engine import Engine
+    from exporter.snapshot import Snapshot
+
+    catalog = load()
+    settings = settings_for(targets or [{"name": "main", "dsn": server.monitor_dsn}], **extra)
+    snapshot = Snapshot(catalog, __version__)
+    engine = Engine(catalog, settings, snapshot)
+    try:
+        for runtime in engine.targets.values():
+            if not engine.probe(runtime):
+                continue
+            for eff in engine.applicable(runtime):
+                if collectors is None or eff.collector.name in collectors:
+                    engine.collect(runtime, eff)
+        return Metrics(snapshot.render().decode())
+    finally:
+        engine.close()

@@ -30,7 +30,7 @@ from tests.conftest import (
 )
 from tests.pgbins import bindir_for, selected_major
 
-pytestmark = pytest.mark.live
+pytestmark = [pytest.mark.live, pytest.mark.family("skeleton")]
 
 
 def _target(pg: Server, name: str = "main", **extra: object) -> dict[str, object]:
@@ -50,6 +50,7 @@ def test_stat_database_matches_the_server(pg: Server, fresh_db: str, exporter_fo
         pg.execute("SELECT count(*) FROM t", fresh_db)
     before = pg.execute(f"SELECT blks_hit, blks_read, xact_commit FROM pg_stat_database WHERE datname = '{fresh_db}'")
     daemon = exporter_for([_target(pg)])
+    wait_until(lambda: http_status(daemon.server.port, "/readyz")[0] == 200, timeout=30)
     metrics = wait_for_metric(daemon.server.port, "pg_stat_database_blks_hit_total", datname=fresh_db)
     after = pg.execute(f"SELECT blks_hit, blks_read, xact_commit FROM pg_stat_database WHERE datname = '{fresh_db}'")
     for column in ("blks_hit", "blks_read", "xact_commit"):
@@ -67,6 +68,7 @@ def test_settings_and_connections(pg: Server, fresh_db: str, exporter_for) -> No
     conns = [psycopg.connect(pg.dsn(fresh_db, monitor=False), application_name="skeleton_app") for _ in range(3)]
     try:
         daemon = exporter_for([_target(pg)])
+        wait_until(lambda: http_status(daemon.server.port, "/readyz")[0] == 200, timeout=30)
         metrics = wait_for_metric(daemon.server.port, "pg_connections", lambda v: v == 3,
                                   application_name="skeleton_app", datname=fresh_db, state="idle")
         assert metrics.value("pg_settings_max_connections", target="main") == 200
