@@ -117,10 +117,12 @@ class Snapshot:
             lines[name].append(f"{name}{{{labels}}} {format_value(value)}\n".encode())
 
         add("pgvitals_build_info", "", label_text([("version", self._version)]), 1)
-        for target in self._targets.values():
+        # Collector threads update these records while we read them: iterate over snapshots
+        # (list() of a dict view is taken without releasing the GIL).
+        for target in list(self._targets.values()):
             prefix = target.prefix
             add("pgbouncer_up" if target.is_pgbouncer else "pg_up", prefix, "", 1 if target.up else 0)
-            for name, status in target.collectors.items():
+            for name, status in list(target.collectors.items()):
                 coll = label_text([("collector", name)])
                 if status.skipped:
                     add("pgvitals_collector_skipped", prefix, f'{coll},reason="{status.skipped}"', 1)
@@ -134,7 +136,7 @@ class Snapshot:
                         round(status.last_success, 3))
                 if status.data_time is not None:
                     add("pgvitals_collector_data_age_seconds", prefix, coll, round(now - status.data_time, 3))
-                for reason, count in status.errors.items():
+                for reason, count in list(status.errors.items()):
                     add("pgvitals_collector_errors_total", prefix, f'{coll},reason="{reason}"', count)
         return assemble(self._self_order, lines)
 
