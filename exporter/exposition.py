@@ -72,10 +72,15 @@ def render_rows(
     chunks: dict[str, bytes] = {}
     total = 0
     truncated = False
-    sep = "," if prefix else ""
+    # Metrics of one collector mostly share their label columns: build each row's label text once.
+    label_cache: dict[tuple[str, ...], list[str]] = {}
     for spec in specs:
+        label_texts = label_cache.get(spec.labels)
+        if label_texts is None:
+            label_texts = label_cache[spec.labels] = [_row_labels(prefix, spec.labels, row) for row in rows]
         lines: list[str] = []
-        for row in rows:
+        name = spec.name
+        for row, labels in zip(rows, label_texts, strict=True):
             number: float | int = 1
             if spec.kind != "info":
                 raw = to_number(row.get(spec.value)) if spec.value else None
@@ -85,15 +90,18 @@ def render_rows(
             if total >= limit:
                 truncated = True
                 break
-            labels = ",".join(f'{name}="{escape_label(label_value(row.get(name)))}"' for name in spec.labels)
-            if labels:
-                lines.append(f"{spec.name}{{{prefix}{sep}{labels}}} {format_value(number)}\n")
-            else:
-                lines.append(f"{spec.name}{{{prefix}}} {format_value(number)}\n")
+            lines.append(f"{name}{{{labels}}} {format_value(number)}\n")
             total += 1
         if lines:
-            chunks[spec.name] = "".join(lines).encode()
+            chunks[name] = "".join(lines).encode()
     return chunks, total, truncated
+
+
+def _row_labels(prefix: str, names: tuple[str, ...], row: dict[str, Any]) -> str:
+    if not names:
+        return prefix
+    own = ",".join(f'{n}="{escape_label(label_value(row.get(n)))}"' for n in names)
+    return f"{prefix},{own}" if prefix else own
 
 
 def header(spec: MetricSpec) -> bytes:
