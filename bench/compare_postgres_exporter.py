@@ -1,0 +1,169 @@
+"""pgvitals vs postgres_exporter on one database with 10,000 tables, side by side in one run.
+
+Both exporters watch the same throwaway PostgreSQL (each with its own pg_monitor role, so that
+pg_stat_statements can tell their database cost apart) and are scraped on the same 15 s schedule
+for a measurement window. Reported: scrape latency, series, body size, resident memory, and the
+query time each one cost the database per minute.
+
+Needs the Debian package prometheus-postgres-exporter (its example queries.yaml is used, as the
+brief's reference figures were). Run: python bench/compare_postgres_exporter.py [--tables 10000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from exporter.localpg import LocalCluster, free_port, wait_until
+
+PE_BINARY = "/usr/bin/prometheus-postgres-exporter"
+PE_QUERIES = "/usr/share/doc/prometheus-postgres-exporter/examples/queries.yaml"
+PASSWORD = "bench-password"
+
+
+def create_tables(cluster: LocalCluster, count: int) -> None:
+    """``count`` small tables with a primary key and a few rows each, in database ``bench``."""
+    cluster.execute("CREATE DATABASE bench")
+    for db in ("postgres", "bench"):
+        cluster.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements", db)
+    batch = 500
+    for start in range(0, count, batch):
+        last = min(start + batch, count) - 1
+        cluster.execute(
+            f"DO $$ BEGIN FOR i IN {start}..{last} LOOP "
+            "EXECUTE format('CREATE TABLE t_%s (id int PRIMARY KEY, v text)', i); "
+            "EXECUTE format('INSERT INTO t_%s SELECT g, ''x'' FROM generate_series(1, 3) g', i); "
+            "END LOOP; END $$",
+            "bench",
+        )
+    cluster.execute("ANALYZE", "bench")
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def scrape(port: int) -> tuple[float, int, int]:
+    """(seconds, bytes, series) of one GET /metrics."""
+    started = time.perf_counter()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=120) as response:
+        body = response.read()
+    took = time.perf_counter() - started
+    series = sum(1 for line in body.splitlines() if line and not line.startswith(b"#"))
+    return took, len(body), series
+
+
+def db_time_ms(cluster: LocalCluster, role: str) -> float:
+    """Total execution plus planning time of every statement the role ran (pg_stat_statements)."""
+    rows = cluster.execute(
+        "SELECT coalesce(sum(total_exec_time + total_plan_time), 0) AS ms FROM pg_stat_statements s "
+        f"JOIN pg_roles r ON r.oid = s.userid WHERE r.rolname = '{role}'"
+    )
+    return float(rows[0]["ms"])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tables", type=int, default=10_000)
+    parser.add_argument("--window", type=float, default=120.0, help="measurement window in seconds")
+    parser.add_argument("--scrape-interval", type=float, default=15.0)
+    args = parser.parse_args()
+    if not Path(PE_BINARY).exists():
+        print("install prometheus-postgres-exporter (Debian) first", file=sys.stderr)
+        return 1
+
+    cluster = LocalCluster(name="bench", settings={"max_connections": 300, "track_io_timing": "off"})
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        cluster.init().start()
+        started = time.monotonic()
+        create_tables(cluster, args.tables)
+        print(f"created {args.tables} tables in {time.monotonic() - started:.0f}s", flush=True)
+        for role in ("pe_bench", "pv_bench"):
+            cluster.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{PASSWORD}' IN ROLE pg_monitor")
+
+        pe_port, pv_port = free_port(), free_port()
+        env = dict(os.environ, DATA_SOURCE_NAME=(
+            f"postgresql://pe_bench:{PASSWORD}@127.0.0.1:{cluster.port}/bench?sslmode=disable"))
+        procs.append(subprocess.Popen(
+            [PE_BINARY, f"--web.listen-address=127.0.0.1:{pe_port}", f"--extend.query-path={PE_QUERIES}"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        config = Path(tempfile.mkdtemp()) / "pgvitals.yaml"
+        config.write_text(
+            f"listen: 127.0.0.1:{pv_port}\n"
+            f"targets:\n  - name: bench\n    dsn: postgresql://pv_bench:{PASSWORD}@127.0.0.1:{cluster.port}/bench\n"
+            "log: {level: WARNING}\n"
+        )
+        procs.append(subprocess.Popen([sys.executable, "-m", "exporter", "run", "--config", str(config)],
+                                      stdout=subprocess.DEVNULL))
+        pe, pv = procs
+        wait_until(lambda: _ready(pv_port), timeout=300, interval=0.5)
+        wait_until(lambda: _serves(pe_port), timeout=60, interval=0.5)
+        scrape(pe_port)  # warm both up once
+        scrape(pv_port)
+        cluster.execute("SELECT pg_stat_statements_reset()")
+        before = {r: db_time_ms(cluster, r) for r in ("pe_bench", "pv_bench")}
+        results: dict[str, list[tuple[float, int, int]]] = {"postgres_exporter": [], "pgvitals": []}
+        window_start = time.monotonic()
+        while time.monotonic() - window_start < args.window:
+            tick = time.monotonic()
+            results["postgres_exporter"].append(scrape(pe_port))
+            results["pgvitals"].append(scrape(pv_port))
+            time.sleep(max(0.0, args.scrape_interval - (time.monotonic() - tick)))
+        minutes = (time.monotonic() - window_start) / 60
+        cost = {r: (db_time_ms(cluster, r) - before[r]) / 1000 / minutes for r in before}
+        memory = {"postgres_exporter": rss_mb(pe.pid), "pgvitals": rss_mb(pv.pid)}
+
+        print(f"\n{args.tables} tables, PostgreSQL {cluster.major}, scraped every {args.scrape_interval:g}s "
+              f"for {minutes:.1f} min\n")
+        print("| | postgres_exporter 0.11 (example queries) | pgvitals (defaults) | ratio |")
+        print("|---|---|---|---|")
+        pe_r, pv_r = results["postgres_exporter"], results["pgvitals"]
+        rows = [
+            ("scrape time, median", statistics.median(t for t, _, _ in pe_r), statistics.median(t for t, _, _ in pv_r),
+             "{:.3f} s"),
+            ("series", pe_r[-1][2], pv_r[-1][2], "{:,}"),
+            ("body", pe_r[-1][1] / 1e6, pv_r[-1][1] / 1e6, "{:.1f} MB"),
+            ("resident memory", memory["postgres_exporter"], memory["pgvitals"], "{:.0f} MB"),
+            ("database query time per minute", cost["pe_bench"], cost["pv_bench"], "{:.2f} s"),
+        ]
+        for label, a, b, fmt in rows:
+            ratio = f"{a / b:.1f}x" if b else "n/a"
+            print(f"| {label} | {fmt.format(a)} | {fmt.format(b)} | {ratio} |")
+        return 0
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=30)
+        cluster.destroy()
+
+
+def _serves(port: int) -> bool:
+    try:
+        scrape(port)
+        return True
+    except OSError:
+        return False
+
+
+def _ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())
