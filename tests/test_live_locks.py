@@ -1,0 +1,226 @@
+"""Locks on a real server, read by a pg_monitor-only role: counts, blocking chains, waits, deadlocks."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+
+import psycopg
+import pytest
+
+from exporter.collectors.locks import blocking_summary
+from exporter.localpg import wait_until
+from tests.conftest import Metrics, Server, collect_once
+
+pytestmark = [pytest.mark.live, pytest.mark.family("locks")]
+
+LOCK_COLLECTORS = ["pg_locks", "pg_lock_waits"]
+
+
+@dataclass
+class Sessions:
+    """Superuser sessions in one database; statements that block run in threads."""
+
+    pg: Server
+    dbname: str
+    conns: dict[str, psycopg.Connection[tuple[object, ...]]] = field(default_factory=dict)
+    threads: dict[str, threading.Thread] = field(default_factory=dict)
+    errors: dict[str, BaseException] = field(default_factory=dict)
+
+    def open(self, name: str, application_name: str | None = None) -> psycopg.Connection[tuple[object, ...]]:
+        conn = psycopg.connect(self.pg.dsn(self.dbname, monitor=False), application_name=application_name or name)
+        conn.execute("SET statement_timeout = '60s'")  # nothing in a failed test waits forever
+        conn.commit()
+        self.conns[name] = conn
+        return conn
+
+    def start(self, name: str, sql: str) -> None:
+        """Run ``sql`` on session ``name`` in a thread (it is expected to wait)."""
+        def run() -> None:
+            try:
+                self.conns[name].execute(sql)  # type: ignore[arg-type]
+            except BaseException as exc:  # kept for the test to inspect
+                self.errors[name] = exc
+
+        thread = threading.Thread(target=run, daemon=True)
+        self.threads[name] = thread
+        thread.start()
+
+    def join(self, name: str) -> None:
+        self.threads.pop(name).join(timeout=60)
+
+    def waiting(self) -> int:
+        rows = self.pg.execute(
+            f"SELECT count(*) AS n FROM pg_stat_activity WHERE datname = '{self.dbname}' AND wait_event_type = 'Lock'"
+        )
+        return int(rows[0]["n"])
+
+    def close(self) -> None:
+        for conn in self.conns.values():
+            with suppress(Exception):
+                conn.cancel()
+        for conn in self.conns.values():
+            with suppress(Exception):
+                conn.close()
+        for thread in self.threads.values():
+            thread.join(timeout=10)
+
+
+@contextmanager
+def sessions(pg: Server, dbname: str) -> Iterator[Sessions]:
+    group = Sessions(pg, dbname)
+    try:
+        yield group
+    finally:
+        group.close()
+
+
+@contextmanager
+def chain_of_three(pg: Server, dbname: str, exporter_waiter: bool = True) -> Iterator[Sessions]:
+    """A holds t1; B holds t2 and waits for t1; C waits for t1; D waits for t2 (behind B).
+
+    With ``exporter_waiter`` an extra session named like the exporter waits for t1 as well.
+    """
+    pg.execute("CREATE TABLE t1 (id int); CREATE TABLE t2 (id int)", dbname)
+    with sessions(pg, dbname) as group:
+        group.open("holder_a").execute("LOCK TABLE t1 IN ACCESS EXCLUSIVE MODE")
+        group.open("waiter_b").execute("LOCK TABLE t2 IN ACCESS EXCLUSIVE MODE")
+        group.start("waiter_b", "SELECT count(*) FROM t1")
+        group.open("waiter_c")
+        group.start("waiter_c", "SELECT count(*) FROM t1")
+        group.open("waiter_d")
+        group.start("waiter_d", "SELECT count(*) FROM t2")
+        expected = 3
+        if exporter_waiter:
+            group.open("exporter_like", application_name="pgvitals")
+            group.start("exporter_like", "SELECT count(*) FROM t1")
+            expected = 4
+        wait_until(lambda: group.waiting() == expected, timeout=20)
+        yield group
+        # Release in order: A's lock lets B and C finish, then B's lets D finish.
+        group.conns["holder_a"].rollback()
+        group.join("waiter_b")
+        group.conns["waiter_b"].rollback()
+        for name in list(group.threads):
+            group.join(name)
+        assert not group.errors, group.errors
+
+
+def collect_locks(pg: Server) -> Metrics:
+    return collect_once(pg, LOCK_COLLECTORS)
+
+
+def test_chain_of_three_waiters_behind_one_root(pg: Server, fresh_db: str) -> None:
+    with chain_of_three(pg, fresh_db):
+        first = collect_locks(pg)
+        time.sleep(1.5)
+        second = collect_locks(pg)
+
+    for metrics in (first, second):
+        assert metrics.value("pgvitals_collector_success", collector="pg_locks") == 1
+        assert metrics.value("pgvitals_collector_success", collector="pg_lock_waits") == 1
+        # B, C and D wait; the exporter-named session waiting too is not counted as a waiter.
+        assert metrics.value("pg_lock_waiting_sessions", target="main", datname=fresh_db) == 3
+        assert metrics.value("pg_lock_blocking_roots", datname=fresh_db) == 1
+        # D waits behind B, which waits behind A: all three are stuck behind A.
+        assert metrics.value("pg_lock_max_blocked_by_one_root", target="main") == 3
+        # Each waiter asks for an ACCESS SHARE lock on t1 or t2.
+        assert metrics.value("pg_locks", datname=fresh_db, mode="AccessShareLock", granted="false") == 3
+        assert metrics.value("pg_locks", datname=fresh_db, mode="AccessExclusiveLock", granted="true") == 2
+        assert sum(v for _, v in metrics.find("pg_locks", datname=fresh_db, granted="false")) == 3
+        # Databases without waits say so with zeros.
+        assert metrics.value("pg_lock_waiting_sessions", datname="postgres") == 0
+        assert metrics.value("pg_lock_blocking_roots", datname="postgres") == 0
+        assert metrics.value("pg_lock_wait_max_seconds", datname="postgres") == 0
+        assert metrics.value("pg_locks", datname="postgres", mode="AccessExclusiveLock", granted="false") == 0
+
+    wait_first = first.value("pg_lock_wait_max_seconds", datname=fresh_db)
+    wait_second = second.value("pg_lock_wait_max_seconds", datname=fresh_db)
+    assert wait_first is not None and wait_second is not None
+    assert wait_first > 0
+    assert wait_second >= wait_first + 1.0  # the oldest wait keeps growing between collections
+    assert wait_second < 60  # sanity: the waits began during this test
+
+    after = collect_locks(pg)
+    assert after.value("pg_lock_waiting_sessions", datname=fresh_db) == 0
+    assert after.value("pg_lock_blocking_roots", datname=fresh_db) == 0
+    assert after.value("pg_lock_max_blocked_by_one_root") == 0
+    assert after.value("pg_lock_wait_max_seconds", datname=fresh_db) == 0
+
+
+def test_lock_counts_leave_out_our_own_query(pg: Server, fresh_db: str) -> None:
+    pg.execute("CREATE TABLE held (id int)", fresh_db)
+    with sessions(pg, fresh_db) as group:
+        conn = group.open("holder")
+        conn.execute("LOCK TABLE held IN SHARE MODE")
+        conn.execute("SELECT pg_advisory_lock(42)")
+        metrics = collect_locks(pg)
+        conn.rollback()
+    assert metrics.value("pg_locks", datname=fresh_db, mode="ShareLock", granted="true") == 1
+    # Advisory locks belong to the database they are taken in; session-level, so still held here.
+    assert metrics.value("pg_locks", datname=fresh_db, mode="ExclusiveLock", granted="true") >= 1  # type: ignore[operator]
+    # The exporter's query runs in "postgres" and takes ACCESS SHARE locks on the views it reads:
+    # none of them is counted.
+    assert metrics.value("pg_locks", datname="postgres", mode="AccessShareLock", granted="true") == 0
+    modes = {labels["mode"] for labels, _ in metrics.find("pg_locks", datname=fresh_db)}
+    assert {"AccessShareLock", "AccessExclusiveLock", "ShareUpdateExclusiveLock"} <= modes
+
+
+def test_deadlock_increments_the_counter(pg: Server, fresh_db: str) -> None:
+    pg.execute("CREATE TABLE d (id int PRIMARY KEY, v int); INSERT INTO d VALUES (1, 0), (2, 0)", fresh_db)
+    before = collect_once(pg, ["pg_stat_database"]).value("pg_stat_database_deadlocks_total", datname=fresh_db)
+    assert before == 0
+    with sessions(pg, fresh_db) as group:
+        first, second = group.open("first"), group.open("second")
+        for conn in (first, second):
+            conn.execute("SET deadlock_timeout = '100ms'")
+        first.execute("UPDATE d SET v = 1 WHERE id = 1")
+        second.execute("UPDATE d SET v = 1 WHERE id = 2")
+        group.start("first", "UPDATE d SET v = 2 WHERE id = 2")
+        wait_until(lambda: group.waiting() == 1, timeout=20)
+        try:
+            second.execute("UPDATE d SET v = 2 WHERE id = 1")
+        except psycopg.errors.DeadlockDetected as exc:
+            group.errors["second"] = exc
+        group.join("first")
+        assert len(group.errors) == 1  # exactly one of the two was chosen as the victim
+        assert all(isinstance(e, psycopg.errors.DeadlockDetected) for e in group.errors.values())
+        first.rollback()
+        second.rollback()
+    # Statistics reach the shared view when the backends report (at the latest when they exit).
+    metrics = wait_until(
+        lambda: (m := collect_once(pg, ["pg_stat_database"])).value(
+            "pg_stat_database_deadlocks_total", datname=fresh_db) == 1 and m,
+        timeout=15, interval=0.5,
+    )
+    assert metrics.value("pg_stat_database_deadlocks_total", target="main", datname=fresh_db) == 1
+
+
+def _waiter(datname: str, pid: int, blocked_by: list[int], ours: bool = False, wait: float = 1.0) -> dict[str, object]:
+    return {"kind": "waiter", "pid": pid, "datname": datname, "ours": ours, "wait_seconds": wait,
+            "blocked_by": blocked_by}
+
+
+def test_blocking_summary_walks_chains_across_roots() -> None:
+    """The graph logic alone, on shapes hard to stage live: two roots, a cycle, a prepared transaction."""
+    rows = [
+        {"kind": "database", "pid": None, "datname": "a"},
+        {"kind": "database", "pid": None, "datname": "b"},
+        {"kind": "blocker", "pid": 1, "datname": "a"},
+        {"kind": "blocker", "pid": 5, "datname": "b"},
+        _waiter("a", 2, [1], wait=4.0),
+        _waiter("a", 3, [2, 2]),  # duplicates (parallel workers) count once
+        _waiter("a", 4, [3, 1]),  # behind both the root and a waiter: counted once for the root
+        _waiter("b", 6, [5]),
+        _waiter("b", 7, [8]),  # 7 and 8 wait on each other: no root
+        _waiter("b", 8, [7], wait=9.0),
+        _waiter("b", 9, [0]),  # a prepared transaction
+        _waiter("a", 10, [1], ours=True),  # the exporter's own session: not a waiter
+    ]
+    out = {row.get("datname"): row for row in blocking_summary(rows)}
+    assert out["a"] == {"datname": "a", "waiting": 3, "wait_max": 4.0, "roots": 1}
+    assert out["b"] == {"datname": "b", "waiting": 4, "wait_max": 9.0, "roots": 2}
+    assert out[None] == {"max_blocked": 3}
