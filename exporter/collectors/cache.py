@@ -1,0 +1,149 @@
+"""Table and index I/O counters (shared-buffer hits and reads) for the largest relations, plus a remainder."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from exporter.catalog import Collector, Param, Rows, SqlVariant
+from exporter.collectors._helpers import counter
+
+if TYPE_CHECKING:
+    from exporter.db import Session
+    from exporter.engine import RunContext
+
+TOP_N = Param(
+    "top_n", 50,
+    "Relations exported one by one, the largest first (pg_class.relpages, no relation lock); the rest "
+    "are summed into one `relname=\"other\"` series per database.",
+)
+
+# An incumbent keeps its place until a newcomer is this much larger, so that relations of
+# similar size do not swap in and out of the top at every VACUUM (each swap breaks two counters).
+STICKINESS = 1.25
+
+# Size comes from pg_class.relpages (heap + TOAST + indexes), maintained by VACUUM/ANALYZE: reading it
+# takes no relation lock, so this never queues behind DDL. Ranking and remainder are one pass.
+_TABLES_SQL = f"""
+WITH index_pages AS (
+  SELECT x.indrelid, sum(ic.relpages)::bigint AS pages
+  FROM pg_catalog.pg_index x JOIN pg_catalog.pg_class ic ON ic.oid = x.indexrelid
+  GROUP BY x.indrelid
+), ranked AS MATERIALIZED (
+  SELECT s.relid, s.schemaname, s.relname, s.heap_blks_read, s.heap_blks_hit, s.idx_blks_read,
+         s.idx_blks_hit, s.toast_blks_read, s.toast_blks_hit, s.tidx_blks_read, s.tidx_blks_hit,
+         pg_catalog.row_number() OVER (ORDER BY
+           (c.relpages::bigint + COALESCE(t.relpages, 0) + COALESCE(i.pages, 0))
+             * CASE WHEN s.relid::bigint = ANY(%(incumbents)s::bigint[]) THEN {STICKINESS} ELSE 1 END DESC,
+           s.relid::bigint = ANY(%(incumbents)s::bigint[]) DESC, s.relid) AS rank
+  FROM pg_catalog.pg_statio_user_tables s
+  JOIN pg_catalog.pg_class c ON c.oid = s.relid
+  LEFT JOIN pg_catalog.pg_class t ON t.oid = c.reltoastrelid
+  LEFT JOIN index_pages i ON i.indrelid = s.relid
+)
+SELECT relid::bigint AS relid, schemaname::text, relname::text, heap_blks_read, heap_blks_hit,
+       idx_blks_read, idx_blks_hit, toast_blks_read, toast_blks_hit, tidx_blks_read, tidx_blks_hit
+FROM ranked WHERE rank <= %(top_n)s
+UNION ALL
+SELECT NULL, '', 'other', COALESCE(sum(heap_blks_read), 0)::bigint, COALESCE(sum(heap_blks_hit), 0)::bigint,
+       COALESCE(sum(idx_blks_read), 0)::bigint, COALESCE(sum(idx_blks_hit), 0)::bigint,
+       COALESCE(sum(toast_blks_read), 0)::bigint, COALESCE(sum(toast_blks_hit), 0)::bigint,
+       COALESCE(sum(tidx_blks_read), 0)::bigint, COALESCE(sum(tidx_blks_hit), 0)::bigint
+FROM ranked WHERE rank > %(top_n)s"""
+
+_INDEXES_SQL = f"""
+WITH ranked AS MATERIALIZED (
+  SELECT s.indexrelid, s.schemaname, s.relname, s.indexrelname, s.idx_blks_read, s.idx_blks_hit,
+         pg_catalog.row_number() OVER (ORDER BY
+           c.relpages::bigint
+             * CASE WHEN s.indexrelid::bigint = ANY(%(incumbents)s::bigint[]) THEN {STICKINESS} ELSE 1 END DESC,
+           s.indexrelid::bigint = ANY(%(incumbents)s::bigint[]) DESC, s.indexrelid) AS rank
+  FROM pg_catalog.pg_statio_user_indexes s
+  JOIN pg_catalog.pg_class c ON c.oid = s.indexrelid
+)
+SELECT indexrelid::bigint AS relid, schemaname::text, relname::text, indexrelname::text, idx_blks_read,
+       idx_blks_hit
+FROM ranked WHERE rank <= %(top_n)s
+UNION ALL
+SELECT NULL, '', 'other', 'other', COALESCE(sum(idx_blks_read), 0)::bigint, COALESCE(sum(idx_blks_hit), 0)::bigint
+FROM ranked WHERE rank > %(top_n)s"""
+
+
+def fetch_top(session: Session, ctx: RunContext, sql: str | None) -> Rows:
+    """Run the ranking query with last run's selection as incumbents, and remember this run's."""
+    assert sql is not None
+    top_n = max(0, int(ctx.params["top_n"]))
+    rows = session.query(sql, {"top_n": top_n, "incumbents": list(ctx.state.get("incumbents", ()))})
+    ctx.state["incumbents"] = [row["relid"] for row in rows if row["relid"] is not None]
+    return list(rows)
+
+
+TABLE = ("datname", "schemaname", "relname")
+INDEX = ("datname", "schemaname", "relname", "indexrelname")
+
+_BOUND = "Largest relations only; the rest in relname=\"other\" (schemaname=\"\")."
+
+STATIO_TABLES = Collector(
+    name="pg_statio_user_tables",
+    family="cache_hit",
+    help="Shared-buffer hits and reads per user table (heap, its indexes, TOAST), for the largest tables "
+         "plus a remainder, from pg_statio_user_tables.",
+    scope="database",
+    interval=60.0,
+    timeout=10.0,
+    params=(TOP_N,),
+    variants=(SqlVariant(sql=_TABLES_SQL, min_version=120000),),
+    fetch=fetch_top,
+    metrics=(
+        counter("pg_statio_user_tables_heap_blks_read_total",
+                "Table heap blocks read from outside shared buffers (OS cache or disk).", "heap_blks_read", TABLE),
+        counter("pg_statio_user_tables_heap_blks_hit_total", "Table heap blocks found in shared buffers.",
+                "heap_blks_hit", TABLE),
+        counter("pg_statio_user_tables_idx_blks_read_total",
+                "Blocks of the table's indexes read from outside shared buffers (absent: no index).",
+                "idx_blks_read", TABLE),
+        counter("pg_statio_user_tables_idx_blks_hit_total", "Blocks of the table's indexes found in shared buffers.",
+                "idx_blks_hit", TABLE),
+        counter("pg_statio_user_tables_toast_blks_read_total",
+                "TOAST table blocks read from outside shared buffers (absent: no TOAST table).",
+                "toast_blks_read", TABLE),
+        counter("pg_statio_user_tables_toast_blks_hit_total", "TOAST table blocks found in shared buffers.",
+                "toast_blks_hit", TABLE),
+        counter("pg_statio_user_tables_tidx_blks_read_total",
+                "TOAST index blocks read from outside shared buffers.", "tidx_blks_read", TABLE),
+        counter("pg_statio_user_tables_tidx_blks_hit_total", "TOAST index blocks found in shared buffers.",
+                "tidx_blks_hit", TABLE),
+    ),
+    notes=(
+        "Top `top_n` tables by pg_class.relpages of heap + TOAST + indexes (kept current by VACUUM/ANALYZE; "
+        "no relation lock is taken, so DDL never holds this up); a table stays in the top until another is "
+        f"{STICKINESS:g}x its size. The `relname=\"other\"` row sums all the others, so sums over a "
+        "database are exact. Cache hit ratio of a table: "
+        "`rate(..._heap_blks_hit_total[5m]) / (rate(..._heap_blks_hit_total[5m]) + "
+        "rate(..._heap_blks_read_total[5m]))`."
+    ),
+)
+
+STATIO_INDEXES = Collector(
+    name="pg_statio_user_indexes",
+    family="cache_hit",
+    help="Shared-buffer hits and reads per user index, for the largest indexes plus a remainder, from "
+         "pg_statio_user_indexes.",
+    scope="database",
+    interval=60.0,
+    timeout=10.0,
+    params=(TOP_N,),
+    variants=(SqlVariant(sql=_INDEXES_SQL, min_version=120000),),
+    fetch=fetch_top,
+    metrics=(
+        counter("pg_statio_user_indexes_idx_blks_read_total",
+                "Index blocks read from outside shared buffers. " + _BOUND, "idx_blks_read", INDEX),
+        counter("pg_statio_user_indexes_idx_blks_hit_total",
+                "Index blocks found in shared buffers. " + _BOUND, "idx_blks_hit", INDEX),
+    ),
+    notes=(
+        "Top `top_n` indexes by pg_class.relpages (no relation lock), chosen independently of the tables; "
+        "the rest are summed into `relname=\"other\", indexrelname=\"other\"`."
+    ),
+)
+
+COLLECTORS = (STATIO_TABLES, STATIO_INDEXES)
