@@ -1,4 +1,4 @@
-"""Command line: run | once | check | demo | docs."""
+"""Command line: run | once | check | demo | docs | dashboards | alerts."""
 
 from __future__ import annotations
 
@@ -187,6 +187,31 @@ def cmd_docs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _alerts_settings(args: argparse.Namespace) -> Settings:
+    """The configuration whose `alerts:` thresholds the generated files use (defaults without --config)."""
+    return load_settings(Path(args.config)) if args.config else Settings()
+
+
+def cmd_dashboards(args: argparse.Namespace) -> int:
+    """Write the Grafana dashboards and provisioning files."""
+    from exporter.dashboards import write_dashboards
+
+    written = write_dashboards(Path(args.out), _alerts_settings(args).alerts)
+    print(f"wrote {len(written)} files to {args.out}")
+    return 0
+
+
+def cmd_alerts(args: argparse.Namespace) -> int:
+    """Write the Prometheus rule file."""
+    from exporter.alerts import RULE_FILE, render_rules
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RULE_FILE).write_text(render_rules(_alerts_settings(args)), encoding="utf-8")
+    print(f"wrote {out / RULE_FILE}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every command."""
     parser = argparse.ArgumentParser(prog="pgvitals", description=__doc__ and "PostgreSQL exporter for Prometheus")
@@ -224,6 +249,18 @@ def build_parser() -> argparse.ArgumentParser:
                           "generated from the collector catalog.")
     docs.add_argument("--out", default="docs/metrics.md")
     docs.set_defaults(func=cmd_docs)
+    dashboards = sub.add_parser("dashboards", help="generate Grafana dashboards", description="Write the Grafana "
+                                "dashboards (JSON) and provisioning files; thresholds from the `alerts:` section "
+                                "of --config, defaults without it.")
+    dashboards.add_argument("--out", default="dashboards")
+    dashboards.add_argument("-c", "--config", help="YAML configuration file whose `alerts:` thresholds to use")
+    dashboards.set_defaults(func=cmd_dashboards)
+    alerts = sub.add_parser("alerts", help="generate Prometheus alert and recording rules",
+                            description="Write the Prometheus rule file; thresholds and `for` durations from the "
+                            "`alerts:` section of --config, defaults without it.")
+    alerts.add_argument("--out", default="alerts")
+    alerts.add_argument("-c", "--config", help="YAML configuration file whose `alerts:` section to use")
+    alerts.set_defaults(func=cmd_alerts)
     return parser
 
 

@@ -11,7 +11,16 @@ from typing import Annotated, Any
 
 import yaml
 from psycopg.conninfo import conninfo_to_dict
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 DEFAULT_PORT = 9839  # postgres_exporter owns 9187; 9839 is free in Prometheus' port list
 DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_PORT}"
@@ -36,6 +45,16 @@ def parse_duration(value: Any) -> float:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+def _parse_pending(value: Any) -> float:
+    """Like parse_duration, but 0 is allowed: an alert with ``for: 0`` fires at its first evaluation."""
+    if value in (0, "0", "0s") and not isinstance(value, bool):
+        return 0.0
+    return parse_duration(value)
+
+
+PendingDuration = Annotated[float, BeforeValidator(_parse_pending)]
 
 
 class ConfigError(Exception):
@@ -145,6 +164,177 @@ class LogConfig(_Strict):
     format: str = Field(default="text", pattern=r"^(text|json)$")
 
 
+def _ratio(default: float) -> Any:
+    return Field(default=default, gt=0, le=1)
+
+
+class _AlertRule(_Strict):
+    """Switch and pending duration shared by every alert rule."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    enabled: bool = True
+    for_: PendingDuration = Field(default=300.0, alias="for")
+
+
+class _TwoLevels(_AlertRule):
+    """A warning and a critical level of the same measure; warning must be the lower."""
+
+    warning: float
+    critical: float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> _TwoLevels:
+        warning, critical = self.warning, self.critical
+        if warning >= critical:
+            raise ValueError(f"warning ({warning:g}) must be below critical ({critical:g})")
+        return self
+
+
+class DownAlert(_AlertRule):
+    """An exporter, PostgreSQL or PgBouncer that cannot be reached."""
+
+    for_: PendingDuration = Field(default=60.0, alias="for")
+
+
+class ConnectionsAlert(_TwoLevels):
+    """Client sessions as a fraction of the usable max_connections (reserved slots excluded)."""
+
+    warning: float = _ratio(0.8)
+    critical: float = _ratio(0.95)
+
+
+class PoolAlert(_AlertRule):
+    """An application pool's sessions as a fraction of its declared capacity."""
+
+    utilization: float = _ratio(0.9)
+
+
+class PgBouncerWaitingAlert(_AlertRule):
+    """Clients queued in PgBouncer for a server connection (fires above this count)."""
+
+    for_: PendingDuration = Field(default=60.0, alias="for")
+    clients: int = Field(default=0, ge=0)
+
+
+class ReplicationLagAlert(_TwoLevels):
+    """Standby replay lag in seconds; critical at the 5-minute RPO our users plan for."""
+
+    for_: PendingDuration = Field(default=120.0, alias="for")
+    warning: Duration = 60.0
+    critical: Duration = 300.0
+
+
+class BytesAlert(_AlertRule):
+    """A byte distance or size above a limit."""
+
+    bytes: int = Field(default=1 << 30, ge=0)
+
+
+class SlotRetainedAlert(_AlertRule):
+    """WAL a replication slot holds back from recycling."""
+
+    bytes: int = Field(default=5 << 30, ge=0)
+
+
+class SlotInactiveAlert(_AlertRule):
+    """A replication slot nobody consumes (it retains WAL until the disk fills)."""
+
+    for_: PendingDuration = Field(default=900.0, alias="for")
+
+
+class DurationAlert(_AlertRule):
+    """A session or wait older than ``seconds``."""
+
+    for_: PendingDuration = Field(default=60.0, alias="for")
+    seconds: Duration = 300.0
+
+
+class LockWaitAlert(DurationAlert):
+    """The oldest lock wait in a database."""
+
+    seconds: Duration = 30.0
+
+
+class DeadlockAlert(_AlertRule):
+    """Deadlocks within the rate window (fires above this count)."""
+
+    for_: PendingDuration = Field(default=0.0, alias="for")
+    count: int = Field(default=0, ge=0)
+
+
+class SlowStatementsAlert(_AlertRule):
+    """Mean execution time of a pg_stat_statements entry over the rate window."""
+
+    mean_seconds: Duration = 5.0
+
+
+class CacheHitAlert(_AlertRule):
+    """Buffer cache hit ratio of a database, only under real traffic."""
+
+    for_: PendingDuration = Field(default=900.0, alias="for")
+    ratio: float = _ratio(0.99)
+    min_blocks_per_second: float = Field(default=100.0, ge=0)
+
+
+class BloatAlert(_AlertRule):
+    """Estimated table bloat on a table large enough to matter."""
+
+    for_: PendingDuration = Field(default=1800.0, alias="for")
+    ratio: float = _ratio(0.5)
+    min_table_bytes: int = Field(default=1 << 30, ge=0)
+
+
+class WraparoundAlert(_TwoLevels):
+    """Transaction and multixact ID age as a fraction of the 2^31 wraparound horizon."""
+
+    warning: float = _ratio(0.5)
+    critical: float = _ratio(0.75)
+
+
+class CollectorFailingAlert(_AlertRule):
+    """A collector whose last run failed."""
+
+    for_: PendingDuration = Field(default=600.0, alias="for")
+
+
+class CollectorStaleAlert(_AlertRule):
+    """A collector whose data is older than ``intervals`` times its own interval."""
+
+    for_: PendingDuration = Field(default=120.0, alias="for")
+    intervals: float = Field(default=3.0, ge=1.5)
+
+
+class AlertsConfig(_Strict):
+    """Thresholds and pending durations of the generated Prometheus alert rules."""
+
+    job: str = Field(default="pgvitals", min_length=1)  # the Prometheus job scraping pgvitals
+    rate_window: Duration = 300.0
+    runbook_url: str = Field(default="docs/runbooks.md", min_length=1)
+    labels: ConstLabels = Field(default_factory=dict)
+    exporter_down: DownAlert = Field(default_factory=DownAlert)
+    postgres_down: DownAlert = Field(default_factory=DownAlert)
+    pgbouncer_down: DownAlert = Field(default_factory=DownAlert)
+    connections: ConnectionsAlert = Field(default_factory=ConnectionsAlert)
+    pool_utilization: PoolAlert = Field(default_factory=PoolAlert)
+    pgbouncer_waiting: PgBouncerWaitingAlert = Field(default_factory=PgBouncerWaitingAlert)
+    replication_lag: ReplicationLagAlert = Field(default_factory=ReplicationLagAlert)
+    replication_lag_bytes: BytesAlert = Field(default_factory=BytesAlert)
+    slot_inactive: SlotInactiveAlert = Field(default_factory=SlotInactiveAlert)
+    slot_retained: SlotRetainedAlert = Field(default_factory=SlotRetainedAlert)
+    archiving: _AlertRule = Field(default_factory=_AlertRule)
+    long_query: DurationAlert = Field(default_factory=DurationAlert)
+    idle_in_transaction: DurationAlert = Field(default_factory=DurationAlert)
+    lock_wait: LockWaitAlert = Field(default_factory=LockWaitAlert)
+    deadlocks: DeadlockAlert = Field(default_factory=DeadlockAlert)
+    slow_statements: SlowStatementsAlert = Field(default_factory=SlowStatementsAlert)
+    cache_hit: CacheHitAlert = Field(default_factory=CacheHitAlert)
+    bloat: BloatAlert = Field(default_factory=BloatAlert)
+    wraparound: WraparoundAlert = Field(default_factory=WraparoundAlert)
+    collector_failing: CollectorFailingAlert = Field(default_factory=CollectorFailingAlert)
+    collector_stale: CollectorStaleAlert = Field(default_factory=CollectorStaleAlert)
+
+
 class Settings(_Strict):
     """The whole validated configuration."""
 
@@ -160,7 +350,7 @@ class Settings(_Strict):
     application_name: str = Field(default="pgvitals", max_length=63)
     workers: int = Field(default=0, ge=0, le=256)  # 0: sized from the number of targets
     log: LogConfig = Field(default_factory=LogConfig)
-    alerts: dict[str, Any] = Field(default_factory=dict)
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
 
     @field_validator("listen")
     @classmethod
