@@ -24,10 +24,12 @@ logs in to the server by SCRAM pass-through, as production setups without a user
 
 from __future__ import annotations
 
+import functools
 import os
 import pwd
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -63,6 +65,7 @@ def pgbouncer_available() -> bool:
     return PGBOUNCER_BIN.exists()
 
 
+@functools.cache
 def pgbouncer_version() -> tuple[int, int]:
     """(major, minor) of the installed pgbouncer, from ``pgbouncer --version``."""
     out = subprocess.run([str(PGBOUNCER_BIN), "--version"], capture_output=True, text=True, check=True).stdout
@@ -139,6 +142,17 @@ class PgBouncer:
         with self.admin(superadmin=True) as conn, conn.cursor() as cur:
             cur.execute(sql.encode(), prepare=False)
 
+    def release(self, dbname: str) -> None:
+        """Close the pooled server connections to ``dbname`` (KILL, then RESUME so clients may come back).
+
+        Idle server connections stay open in the pool: call this before dropping a database that
+        PgBouncer has served (DROP DATABASE without FORCE, PostgreSQL 12, refuses while they exist).
+        """
+        if not re.match(r"^[A-Za-z0-9_]+$", dbname):
+            raise ValueError(f"bad database name {dbname!r}")
+        self.command(f"KILL {dbname}")
+        self.command(f"RESUME {dbname}")
+
     def running(self) -> bool:
         """True while the process lives."""
         return self.process.poll() is None
@@ -151,9 +165,10 @@ class PgBouncer:
             return ""
 
     def stop(self) -> None:
-        """Stop the process at once (SIGTERM: clients are disconnected) and remove its directory."""
+        """Stop the process at once (clients are disconnected) and remove its directory."""
         if self.running():
-            self.process.terminate()
+            # Immediate shutdown is SIGTERM up to 1.22 and SIGQUIT from 1.23 on (SIGTERM then waits for clients).
+            self.process.send_signal(signal.SIGQUIT if pgbouncer_version() >= (1, 23) else signal.SIGTERM)
             try:
                 self.process.wait(timeout=10)
             except subprocess.TimeoutExpired:

@@ -66,34 +66,44 @@ def poller(bouncer: PgBouncer, tmp_path: Path) -> Iterator[Poller]:
     watcher.close()
 
 
+@pytest.fixture
+def dbname(bouncer: PgBouncer, fresh_db: str) -> Iterator[str]:
+    """A fresh database served through the module's PgBouncer; its server connections closed afterwards."""
+    yield fresh_db
+    bouncer.release(fresh_db)
+
+
 def _sleep_through(bouncer: PgBouncer, dbname: str, seconds: float) -> None:
     with psycopg.connect(bouncer.client_dsn(dbname), autocommit=True) as conn:
         conn.execute(f"SELECT pg_sleep({seconds})")
 
 
-def test_small_pool_makes_clients_wait(bouncer: PgBouncer, poller: Poller, fresh_db: str) -> None:
-    clients = [threading.Thread(target=_sleep_through, args=(bouncer, fresh_db, 2.0)) for _ in range(5)]
+def test_small_pool_makes_clients_wait(bouncer: PgBouncer, poller: Poller, dbname: str) -> None:
+    clients = [threading.Thread(target=_sleep_through, args=(bouncer, dbname, 2.0)) for _ in range(5)]
     for client in clients:
         client.start()
     try:
         def waiting() -> Metrics | None:
             metrics = poller.poll()
-            value = metrics.value("pgbouncer_pools_client_waiting_connections", database=fresh_db, user=APP_USER)
-            maxwait = metrics.value("pgbouncer_pools_client_maxwait_seconds", database=fresh_db, user=APP_USER)
-            return metrics if value and maxwait else None
+            labels = {"database": dbname, "user": APP_USER}
+            value = metrics.value("pgbouncer_pools_client_waiting_connections", **labels)
+            maxwait = metrics.value("pgbouncer_pools_client_maxwait_seconds", **labels)
+            # While the first two servers log in, clients wait too: look at the steady state behind them.
+            busy = metrics.value("pgbouncer_pools_server_active_connections", **labels) == 2
+            return metrics if value and maxwait and busy else None
 
         metrics = wait_until(waiting, timeout=15, interval=0.2)
     finally:
         for client in clients:
             client.join(timeout=30)
-    labels = {"target": "edge", "database": fresh_db, "user": APP_USER}
+    labels = {"target": "edge", "database": dbname, "user": APP_USER}
     # Two servers at most (pool_size=2): the other clients queue for them.
     assert 1 <= metrics.value("pgbouncer_pools_client_waiting_connections", **labels) <= 3  # type: ignore[operator]
     assert metrics.value("pgbouncer_pools_server_active_connections", **labels) == 2
     assert metrics.value("pgbouncer_pools_client_active_connections", **labels) >= 2  # type: ignore[operator]
     assert 0 < metrics.value("pgbouncer_pools_client_maxwait_seconds", **labels) < 30  # type: ignore[operator]
-    assert metrics.value("pgbouncer_databases_pool_size", target="edge", database=fresh_db) == 2
-    assert metrics.value("pgbouncer_databases_current_connections", database=fresh_db) == 2
+    assert metrics.value("pgbouncer_databases_pool_size", target="edge", database=dbname) == 2
+    assert metrics.value("pgbouncer_databases_current_connections", database=dbname) == 2
     assert metrics.value("pgbouncer_up", target="edge") == 1
 
     # Once everyone is served the queue is empty, and the wait shows in the totals: the last
@@ -101,15 +111,15 @@ def test_small_pool_makes_clients_wait(bouncer: PgBouncer, poller: Poller, fresh
     after = poller.poll()
     assert after.value("pgbouncer_pools_client_waiting_connections", **labels) == 0
     assert after.value("pgbouncer_pools_client_maxwait_seconds", **labels) == 0
-    assert after.value("pgbouncer_stats_client_wait_seconds_total", database=fresh_db) >= 2  # type: ignore[operator]
-    assert after.value("pgbouncer_stats_transactions_total", database=fresh_db) >= 5  # type: ignore[operator]
+    assert after.value("pgbouncer_stats_client_wait_seconds_total", database=dbname) >= 2  # type: ignore[operator]
+    assert after.value("pgbouncer_stats_transactions_total", database=dbname) >= 5  # type: ignore[operator]
 
 
-def test_stats_counters_increase(bouncer: PgBouncer, poller: Poller, fresh_db: str) -> None:
+def test_stats_counters_increase(bouncer: PgBouncer, poller: Poller, dbname: str) -> None:
     names = ["pgbouncer_stats_transactions_total", "pgbouncer_stats_queries_total",
              "pgbouncer_stats_received_bytes_total", "pgbouncer_stats_sent_bytes_total",
              "pgbouncer_stats_query_seconds_total", "pgbouncer_stats_transaction_seconds_total"]
-    with psycopg.connect(bouncer.client_dsn(fresh_db), autocommit=True) as conn:
+    with psycopg.connect(bouncer.client_dsn(dbname), autocommit=True) as conn:
         conn.execute("SELECT 1")  # the database's stats row exists from its first query on
         before = poller.poll()
         for _ in range(20):
@@ -120,20 +130,20 @@ def test_stats_counters_increase(bouncer: PgBouncer, poller: Poller, fresh_db: s
 
     def grown() -> Metrics | None:
         metrics = poller.poll()
-        queries = metrics.value("pgbouncer_stats_queries_total", database=fresh_db) or 0
-        return metrics if queries >= (before.value("pgbouncer_stats_queries_total", database=fresh_db) or 0) + 22 \
+        queries = metrics.value("pgbouncer_stats_queries_total", database=dbname) or 0
+        return metrics if queries >= (before.value("pgbouncer_stats_queries_total", database=dbname) or 0) + 22 \
             else None
 
     after = wait_until(grown, timeout=15, interval=0.2)
     for name in names:
-        old, new = before.value(name, database=fresh_db), after.value(name, database=fresh_db)
+        old, new = before.value(name, database=dbname), after.value(name, database=dbname)
         assert old is not None and new is not None and new > old, name
     # 20 autocommit statements are 20 transactions, the explicit one adds one more.
-    assert after.value("pgbouncer_stats_transactions_total", database=fresh_db) - before.value(  # type: ignore[operator]
-        "pgbouncer_stats_transactions_total", database=fresh_db) >= 21
+    assert after.value("pgbouncer_stats_transactions_total", database=dbname) - before.value(  # type: ignore[operator]
+        "pgbouncer_stats_transactions_total", database=dbname) >= 21
     # 20 sleeps of 10 ms executed on the server: at least 0.2 s of query time.
-    assert after.value("pgbouncer_stats_query_seconds_total", database=fresh_db) - before.value(  # type: ignore[operator]
-        "pgbouncer_stats_query_seconds_total", database=fresh_db) >= 0.2
+    assert after.value("pgbouncer_stats_query_seconds_total", database=dbname) - before.value(  # type: ignore[operator]
+        "pgbouncer_stats_query_seconds_total", database=dbname) >= 0.2
 
 
 def test_many_polls_on_one_admin_connection(bouncer: PgBouncer, poller: Poller) -> None:
