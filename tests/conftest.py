@@ -15,6 +15,9 @@ from exporter.config import Settings, load_settings
 from exporter.localpg import LocalCluster, wait_until
 from tests.pgbins import bindir_for, selected_major
 
+# Records test outcomes and the SQL variants that ran, when scripts/matrix asks for it.
+pytest_plugins = ["tests.plugin_matrix"]
+
 MONITOR_ROLE = "pgvitals_mon"
 MONITOR_PASSWORD = "Mon1tor-Secret-Zebra"
 
