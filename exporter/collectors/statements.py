@@ -1,0 +1,429 @@
+"""Per-statement totals from pg_stat_statements: a stable top N plus an exact "other" remainder per database.
+
+The SQL returns the statements ranked within the top 2N by execution time (and those we tracked last time),
+plus one aggregate row per database for every other entry; the selection and the remainder's bookkeeping
+happen here, with what the previous run saw kept in ``ctx.state``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from exporter.catalog import Collector, Param, Row, Rows, SqlVariant
+from exporter.collectors._helpers import MS, counter, gauge
+
+if TYPE_CHECKING:
+    from exporter.db import Session
+    from exporter.engine import RunContext
+
+log = logging.getLogger("pgvitals.collectors.statements")
+
+EXTENSION = "pg_stat_statements"
+STMT = ("datname", "usename", "queryid")
+OTHER = "other"
+
+#: The counters we export, in the order of the state vectors.
+COUNTERS = (
+    "calls", "exec_ms", "plan_ms", "rows", "shared_blks_hit", "shared_blks_read",
+    "temp_blks_read", "temp_blks_written", "blk_read_ms", "blk_write_ms", "wal_bytes",
+)
+
+Key = tuple[int, int, int]  # (dbid, userid, queryid)
+Vector = tuple[float | None, ...]  # one value per COUNTERS entry; None: the extension has no such counter
+
+
+# -- SQL ------------------------------------------------------------------------------------------
+# Each variant only maps the extension version's columns onto ours (typed NULL where it has none);
+# the ranking, the tracked statements and the per-database remainder are the same for every version.
+
+_PLAN_TIME = ("CASE WHEN pg_catalog.current_setting('pg_stat_statements.track_planning', true) = 'on' "
+              "THEN s.total_plan_time END")
+
+_RAW_1_4 = """
+  SELECT s.dbid, s.userid, s.queryid, s.calls, s.total_time AS exec_ms, NULL::float8 AS plan_ms, s.rows,
+    s.shared_blks_hit, s.shared_blks_read, s.temp_blks_read, s.temp_blks_written,
+    s.blk_read_time AS blk_read_ms, s.blk_write_time AS blk_write_ms, NULL::numeric AS wal_bytes,
+    NULL::timestamptz AS stats_since
+  FROM {ext_schema}.pg_stat_statements(false) s"""
+
+_RAW_1_8 = f"""
+  SELECT s.dbid, s.userid, s.queryid, s.calls, s.total_exec_time AS exec_ms, {_PLAN_TIME} AS plan_ms, s.rows,
+    s.shared_blks_hit, s.shared_blks_read, s.temp_blks_read, s.temp_blks_written,
+    s.blk_read_time AS blk_read_ms, s.blk_write_time AS blk_write_ms, s.wal_bytes,
+    NULL::timestamptz AS stats_since
+  FROM {{ext_schema}}.pg_stat_statements(false) s"""
+
+# 1.11 split block I/O time into shared and local; their sum keeps the meaning of the older blk_*_time.
+_RAW_1_11 = f"""
+  SELECT s.dbid, s.userid, s.queryid, s.calls, s.total_exec_time AS exec_ms, {_PLAN_TIME} AS plan_ms, s.rows,
+    s.shared_blks_hit, s.shared_blks_read, s.temp_blks_read, s.temp_blks_written,
+    s.shared_blk_read_time + s.local_blk_read_time AS blk_read_ms,
+    s.shared_blk_write_time + s.local_blk_write_time AS blk_write_ms, s.wal_bytes, s.stats_since
+  FROM {{ext_schema}}.pg_stat_statements(false) s"""
+
+_NO_INFO = "SELECT NULL::bigint AS dealloc, NULL::timestamptz AS stats_reset"
+_INFO = "SELECT i.dealloc, i.stats_reset FROM {ext_schema}.pg_stat_statements_info i"
+
+_SUMS = ",\n    ".join(f"sum(r.{c})::float8 AS {c}" for c in COUNTERS)
+_COLUMNS = ", ".join(f"m.{c}" for c in COUNTERS)
+_NULLS = ", ".join("NULL::float8" for _ in COUNTERS)
+
+
+def _statements_sql(raw: str, info: str) -> str:
+    # Entries are summed per (dbid, userid, queryid): since 1.9 a statement run both at top level and
+    # nested has two rows, which would otherwise become duplicate series. Entries of dropped databases
+    # are left out (they linger until evicted). A NULL queryid (another role's statement, seen without
+    # pg_read_all_stats) is never ranked: it can only be part of the remainder.
+    return f"""
+WITH raw AS ({raw}
+), entries AS (
+  SELECT r.dbid, d.datname, r.userid, r.queryid, count(*) AS entries, max(r.stats_since) AS stats_since,
+    {_SUMS}
+  FROM raw r JOIN pg_catalog.pg_database d ON d.oid = r.dbid
+  GROUP BY r.dbid, d.datname, r.userid, r.queryid
+), ranked AS (
+  SELECT e.*, CASE WHEN e.queryid IS NOT NULL THEN pg_catalog.row_number() OVER (
+      PARTITION BY e.queryid IS NULL ORDER BY e.exec_ms DESC, e.dbid, e.userid, e.queryid) END AS rank
+  FROM entries e
+), marked AS (
+  SELECT k.*, COALESCE(k.rank <= %(candidates)s OR (k.dbid, k.userid, k.queryid) IN (
+      SELECT t.dbid, t.userid, t.queryid
+      FROM ROWS FROM (pg_catalog.unnest(%(tracked_dbid)s::oid[]), pg_catalog.unnest(%(tracked_userid)s::oid[]),
+                      pg_catalog.unnest(%(tracked_queryid)s::int8[])) AS t(dbid, userid, queryid)), false) AS single
+  FROM ranked k
+)
+SELECT 'statement' AS kind, m.dbid::int8 AS dbid, m.datname, m.userid::int8 AS userid,
+  pg_catalog.pg_get_userbyid(m.userid) AS usename, m.queryid, m.rank, m.stats_since, {_COLUMNS},
+  NULL::int8 AS entries, NULL::int8 AS dealloc, NULL::timestamptz AS stats_reset
+FROM marked m WHERE m.single
+UNION ALL
+SELECT 'rest', m.dbid::int8, m.datname, NULL, NULL, NULL, NULL, NULL,
+  {", ".join(f"sum(m.{c})" for c in COUNTERS)}, sum(m.entries)::int8, NULL, NULL
+FROM marked m WHERE NOT m.single GROUP BY m.dbid, m.datname
+UNION ALL
+SELECT 'info', NULL, NULL, NULL, NULL, NULL, NULL, NULL, {_NULLS},
+  (SELECT count(*) FROM raw), i.dealloc, i.stats_reset
+FROM ({info}) i"""
+
+
+_TEXT_SQL = """
+SELECT DISTINCT ON (s.dbid, s.userid, s.queryid) s.dbid::int8 AS dbid, s.userid::int8 AS userid, s.queryid,
+  pg_catalog.left(s.query, %(fetch_length)s) AS query
+FROM {ext_schema}.pg_stat_statements(true) s
+WHERE (s.dbid, s.userid, s.queryid) IN (
+  SELECT t.dbid, t.userid, t.queryid
+  FROM ROWS FROM (pg_catalog.unnest(%(dbid)s::oid[]), pg_catalog.unnest(%(userid)s::oid[]),
+                  pg_catalog.unnest(%(queryid)s::int8[])) AS t(dbid, userid, queryid))"""
+
+
+# -- bookkeeping ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Tracked:
+    """What the last run saw of one statement ranked within the top 2N."""
+
+    values: Vector
+    stats_since: datetime | None
+
+
+@dataclass
+class StatementState:
+    """What survives between runs on one target."""
+
+    tracked: dict[Key, Tracked] = field(default_factory=dict)
+    selected: set[Key] = field(default_factory=set)
+    # Per database: the sum over every entry that is not tracked, and the exported remainder.
+    untracked: dict[int, Vector] = field(default_factory=dict)
+    other: dict[int, Vector] = field(default_factory=dict)
+    stats_reset: datetime | None = None
+    texts: dict[Key, str] = field(default_factory=dict)
+    text_failure: str | None = None
+
+
+ZERO: Vector = (0.0,) * len(COUNTERS)
+
+
+def vector(row: Row) -> Vector:
+    """The counters of a row, in COUNTERS order."""
+    return tuple(None if row.get(c) is None else float(row[c]) for c in COUNTERS)
+
+
+def add(a: Vector, b: Vector) -> Vector:
+    """Element-wise sum; a counter the extension does not have stays None."""
+    return tuple(None if y is None else (y if x is None else x + y) for x, y in zip(a, b, strict=True))
+
+
+def increase(now: Vector, before: Vector | None) -> Vector:
+    """Per counter, how much ``now`` grew since ``before`` (never negative; all of it if it had no value)."""
+    if before is None:
+        return now
+    return tuple(None if x is None else (x if y is None else max(0.0, x - y)) for x, y in zip(now, before, strict=True))
+
+
+def total(vectors: Iterable[Vector]) -> Vector:
+    """The sum of vectors (ZERO for none)."""
+    out = ZERO
+    for v in vectors:
+        out = add(out, v)
+    return out
+
+
+def was_recreated(row: Row, seen: Tracked) -> bool:
+    """True when the entry restarted from zero since the last run (reset, or evicted and created again)."""
+    if row["stats_since"] is not None and seen.stats_since is not None:
+        return bool(row["stats_since"] != seen.stats_since)
+    calls, calls_before = row["calls"], seen.values[0]
+    return calls is not None and calls_before is not None and float(calls) < calls_before
+
+
+def select(candidates: list[Row], top_n: int, incumbents: set[Key], eligible: set[Key] | None) -> list[Row]:
+    """The top N with hysteresis: a statement already shown competes at half its rank.
+
+    A newcomer must rank within the top N and beat an incumbent's halved rank to take its place, so a
+    statement hovering around rank N does not flap in and out. ``eligible`` (None: all) limits newcomers
+    to statements whose previous values we know, so the remainder's bookkeeping stays exact.
+    """
+    pool = [r for r in candidates if eligible is None or key_of(r) in eligible]
+
+    def score(row: Row) -> tuple[float, int]:
+        rank = int(row["rank"])
+        return (rank / 2 if key_of(row) in incumbents else float(rank), rank)
+
+    return sorted(pool, key=score)[:top_n]
+
+
+def key_of(row: Row) -> Key:
+    """The identity of a statement entry."""
+    return (int(row["dbid"]), int(row["userid"]), int(row["queryid"]))
+
+
+def bookkeep(rows: Rows, state: StatementState, top_n: int) -> tuple[Rows, list[Row]]:
+    """Choose the statements to show and update the remainders; returns (output rows, selected rows)."""
+    singles = [r for r in rows if r["kind"] == "statement"]
+    rests = {int(r["dbid"]): r for r in rows if r["kind"] == "rest"}
+    info = next((r for r in rows if r["kind"] == "info"), {})
+    datnames = {int(r["dbid"]): str(r["datname"]) for r in rows if r["kind"] in ("statement", "rest")}
+
+    stats_reset = info.get("stats_reset")
+    # A full reset (pg_stat_statements_reset(), seen in pg_stat_statements_info since 1.9): everything in
+    # the view happened since then, so every current value is new work; start the bookkeeping afresh.
+    full_reset = stats_reset is not None and state.stats_reset is not None and stats_reset != state.stats_reset
+    first = not state.tracked and not state.other
+    known = {} if full_reset else state.tracked
+    candidates = [r for r in singles if r["rank"] is not None and int(r["rank"]) <= 2 * top_n]
+    chosen = select(candidates, top_n, set() if full_reset else state.selected,
+                    None if first or full_reset else set(known))
+    selected_keys = {key_of(r) for r in chosen}
+
+    # Work done since the last run by the entries that make up "other" now: the untracked population
+    # (everything not tracked last time: the aggregate rest plus statements that just entered the top 2N)
+    # by difference of sums, and the tracked ones that are not shown by their own differences.
+    untracked_now: dict[int, Vector] = {db: vector(r) for db, r in rests.items()}
+    grown: dict[int, Vector] = {}
+    for row in singles:
+        db, key, values = int(row["dbid"]), key_of(row), vector(row)
+        untracked_now.setdefault(db, ZERO)
+        seen = known.get(key)
+        if seen is None and key in selected_keys:
+            continue  # shown from this run on (first run or after a full reset): its work is its own
+        if seen is None:
+            untracked_now[db] = add(untracked_now[db], values)
+        elif key not in selected_keys:
+            delta = values if was_recreated(row, seen) else increase(values, seen.values)
+            grown[db] = add(grown.get(db, ZERO), delta)
+    other: dict[int, Vector] = {}
+    for db in untracked_now:
+        if first:
+            # The exporter just started: the remainder counts from here (a drop to 0 after a restart is
+            # a counter reset Prometheus understands; starting at the absolute value is not, see notes).
+            other[db] = tuple(None if x is None else 0.0 for x in untracked_now[db])
+            continue
+        before = None if full_reset else state.untracked.get(db)
+        # Entries evicted since the last run take their totals with them: the difference of sums can
+        # then go negative, and increase() clamps it at 0 rather than let the counter go backwards.
+        work = add(increase(untracked_now[db], before), grown.get(db, ZERO))
+        other[db] = add(state.other.get(db, ZERO), work) if db in state.other else work
+
+    # A counter this extension version lacks has no sample anywhere, the remainder included.
+    present = [any(vector(r)[i] is not None for r in (*singles, *rests.values())) for i in range(len(COUNTERS))]
+    other = {db: tuple(v if has else None for v, has in zip(values, present, strict=True))
+             for db, values in other.items()}
+
+    # Remember for the next run: the top 2N by their own values, everything else as sums per database.
+    tracked_next = {key_of(r): Tracked(vector(r), r["stats_since"]) for r in candidates}
+    untracked_next: dict[int, Vector] = {db: vector(r) for db, r in rests.items()}
+    for row in singles:
+        db = int(row["dbid"])
+        untracked_next.setdefault(db, ZERO)
+        if key_of(row) not in tracked_next:
+            untracked_next[db] = add(untracked_next[db], vector(row))
+    state.tracked, state.selected, state.untracked, state.other = tracked_next, selected_keys, untracked_next, other
+    state.stats_reset = stats_reset
+
+    out: Rows = []
+    for row in chosen:
+        out.append({"datname": row["datname"], "usename": row["usename"], "queryid": str(row["queryid"]),
+                    **{c: row[c] for c in COUNTERS}})
+    for db, values in other.items():
+        out.append({"datname": datnames[db], "usename": "", "queryid": OTHER,
+                    **dict(zip(COUNTERS, values, strict=True))})
+    out.append({"entries": info.get("entries"), "dealloc": info.get("dealloc"), "stats_reset": stats_reset})
+    return out, chosen
+
+
+# Literals can carry secrets (ALTER ROLE ... PASSWORD '...' is kept verbatim): dollar-quoted and
+# single-quoted strings are masked, including one the truncation cut open.
+_LITERAL = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)?\$.*?(?:\$\1\$|\Z)|[eE]?'(?:[^'\\]|''|\\.)*(?:'|\Z)", re.DOTALL)
+_SPACE = re.compile(r"\s+")
+
+
+def clean_text(text: str, length: int) -> str:
+    """A query text fit for a label: literals masked, whitespace collapsed, at most ``length`` characters."""
+    masked = _LITERAL.sub(lambda m: "$$***$$" if m.group(0).startswith("$") else "'***'", text)
+    return _SPACE.sub(" ", masked).strip()[:length]
+
+
+def read_texts(session: Session, ctx: RunContext, state: StatementState, chosen: list[Row]) -> None:
+    """Fill the text cache for the shown statements; reads texts only for statements not cached yet."""
+    wanted = [key_of(r) for r in chosen]
+    state.texts = {k: v for k, v in state.texts.items() if k in set(wanted)}
+    missing = [k for k in wanted if k not in state.texts]
+    if not missing or ctx.facts is None:
+        return
+    schema = ctx.facts.extensions.get(session.dbname, {}).get(EXTENSION, ("public", 0))[0]
+    length = int(ctx.params["query_text_length"])
+    # The text read loads the whole query text file server-side: done only when the shown set changes,
+    # under the run's statement_timeout, and in a savepoint so that its failure leaves the numbers intact.
+    session.query("SAVEPOINT pgvitals_query_text")
+    try:
+        rows = session.query(_TEXT_SQL.replace("{ext_schema}", '"' + schema.replace('"', '""') + '"'), {
+            "fetch_length": max(length * 4, length + 64),
+            "dbid": [k[0] for k in missing], "userid": [k[1] for k in missing], "queryid": [k[2] for k in missing],
+        })
+    except Exception as exc:
+        session.query("ROLLBACK TO SAVEPOINT pgvitals_query_text")
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if state.text_failure != message:
+            log.warning("pg_stat_statements on %s: query text not read (%s)", ctx.target, message)
+        state.text_failure = message
+        return
+    session.query("RELEASE SAVEPOINT pgvitals_query_text")
+    state.text_failure = None
+    for row in rows:
+        state.texts[key_of(row)] = clean_text(str(row["query"] or ""), length)
+
+
+def fetch(session: Session, ctx: RunContext, sql: str | None) -> Rows:
+    """Read the ranked statements, choose the top N, account for the remainder, add texts when asked."""
+    assert sql is not None
+    state = ctx.state.setdefault("statements", StatementState())
+    assert isinstance(state, StatementState)
+    top_n = max(1, int(ctx.params["top_n"]))
+    tracked = list(state.tracked)
+    rows = session.query(sql, {
+        "candidates": 2 * top_n,
+        "tracked_dbid": [k[0] for k in tracked], "tracked_userid": [k[1] for k in tracked],
+        "tracked_queryid": [k[2] for k in tracked],
+    })
+    out, chosen = bookkeep(rows, state, top_n)
+    if ctx.params["query_text"]:
+        read_texts(session, ctx, state, chosen)
+        # bookkeep() puts the shown statements first, in the order of ``chosen``.
+        for source, row in zip(chosen, out, strict=False):
+            text = state.texts.get(key_of(source))
+            if text is not None:
+                row["query"] = text
+                row["query_info"] = 1
+    return out
+
+
+def _variant(raw: str, info: str, low: int, high: int = 10**9) -> SqlVariant:
+    return SqlVariant(sql=_statements_sql(raw, info), min_version=low, max_version=high)
+
+
+STATEMENTS = Collector(
+    name="pg_stat_statements",
+    family="slow_queries",
+    help="Per-statement totals from pg_stat_statements: the top N statements by total execution time, chosen "
+         'stably, plus one queryid="other" remainder per database.',
+    interval=30.0,
+    timeout=10.0,
+    extension=EXTENSION,
+    preload="pg_stat_statements",
+    version_source=EXTENSION,
+    fetch=fetch,
+    variants=(
+        _variant(_RAW_1_4, _NO_INFO, 104, 108),
+        _variant(_RAW_1_8, _NO_INFO, 108, 109),
+        _variant(_RAW_1_8, _INFO, 109, 111),
+        _variant(_RAW_1_11, _INFO, 111),
+    ),
+    params=(
+        Param("top_n", 100, "Statements shown individually, by total execution time (the rest is summed "
+                            'into queryid="other" per database).'),
+        Param("query_text", False, "Export the text of the shown statements in pg_stat_statements_query_info. "
+                                   "Off by default: texts can hold data and, for some statements, secrets."),
+        Param("query_text_length", 120, "Characters of query text kept (after masking literals and "
+                                        "collapsing whitespace)."),
+    ),
+    notes=(
+        "Runs in the database of the target's DSN, where the extension must be installed; its installed version "
+        "there (not the server's) chooses the columns. Statements are ranked by total execution time; a shown "
+        "statement stays while it ranks within the top 2N, and a newcomer enters when it ranks within the top N "
+        "and better than half an incumbent's rank, after being seen in the top 2N for one run. "
+        'Series with queryid="other" and usename="" sum every statement of the database that is not shown: '
+        "that remainder is counted by the exporter, starting at 0 when it starts and growing by exactly what "
+        "those statements did between runs, so `increase()` of the top plus `other` equals the increase of "
+        "the database's total, and it never goes backwards when statements enter or leave the top N or "
+        "when statistics are reset (a reset shows as a drop only in the shown statements' own series, which "
+        "Prometheus treats as the counter reset it is). Entries evicted between two runs (see "
+        "pg_stat_statements_dealloc_total) take their work since the previous run with them. Read without "
+        "query text; texts are read only with query_text on, only for the shown statements and only when "
+        "that set changes; string literals are masked."
+    ),
+    metrics=(
+        counter("pg_stat_statements_calls_total", "Times the statement was executed.", "calls", STMT),
+        counter("pg_stat_statements_exec_seconds_total", "Time spent executing the statement.", "exec_ms", STMT,
+                unit="seconds", scale=MS),
+        counter("pg_stat_statements_plan_seconds_total",
+                "Time spent planning the statement (extension 1.8+ with pg_stat_statements.track_planning on; "
+                "absent otherwise).", "plan_ms", STMT, unit="seconds", scale=MS),
+        counter("pg_stat_statements_rows_total", "Rows retrieved or affected by the statement.", "rows", STMT),
+        counter("pg_stat_statements_shared_blks_hit_total", "Shared buffer hits of the statement.",
+                "shared_blks_hit", STMT),
+        counter("pg_stat_statements_shared_blks_read_total",
+                "Shared blocks the statement read (from the OS cache or disk).", "shared_blks_read", STMT),
+        counter("pg_stat_statements_temp_blks_read_total", "Temporary file blocks the statement read.",
+                "temp_blks_read", STMT),
+        counter("pg_stat_statements_temp_blks_written_total",
+                "Temporary file blocks the statement wrote (work_mem too small).", "temp_blks_written", STMT),
+        counter("pg_stat_statements_block_read_seconds_total",
+                "Time the statement spent reading data file blocks (shared and local; needs track_io_timing).",
+                "blk_read_ms", STMT, unit="seconds", scale=MS),
+        counter("pg_stat_statements_block_write_seconds_total",
+                "Time the statement spent writing data file blocks (shared and local; needs track_io_timing).",
+                "blk_write_ms", STMT, unit="seconds", scale=MS),
+        counter("pg_stat_statements_wal_bytes_total", "WAL the statement generated (extension 1.8+).",
+                "wal_bytes", STMT, unit="bytes"),
+        gauge("pg_stat_statements_query_info",
+              "Value 1; the query label holds the statement's text, truncated, literals masked (only with "
+              "query_text on, only for the shown statements).", "query_info", (*STMT, "query")),
+        gauge("pg_stat_statements_entries",
+              "Entries pg_stat_statements holds now; near pg_settings_pg_stat_statements_max it evicts.",
+              "entries"),
+        counter("pg_stat_statements_dealloc_total",
+                "Times pg_stat_statements evicted its least used entries to make room (extension 1.9+).",
+                "dealloc"),
+        gauge("pg_stat_statements_stats_reset_timestamp_seconds",
+              "When all pg_stat_statements statistics were last reset (Unix time; extension 1.9+).",
+              "stats_reset", unit="seconds"),
+    ),
+)
+
+COLLECTORS = (STATEMENTS,)
