@@ -8,10 +8,14 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from exporter import __version__, catalog
 from exporter.config import ConfigError, Settings, load_settings
 from exporter.secrets import redact
+
+if TYPE_CHECKING:
+    from exporter.engine import TargetRuntime
 
 EXIT_CONFIG = 2
 EXIT_UNREACHABLE = 1
@@ -137,7 +141,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             took = (time.monotonic() - started) * 1000
             if status.skipped:
                 print(f"  {name:<32} cannot run here: {SKIP_REASONS.get(status.skipped, status.skipped)}"
-                      f"{_skip_detail(eff.collector, status.skipped)}")
+                      f"{_skip_detail(eff.collector, status.skipped, runtime)}")
             elif status.success:
                 print(f"  {name:<32} ok ({status.series} series, {took:.0f} ms)")
             else:
@@ -148,7 +152,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 SKIP_REASONS = {
-    "version": "not available on this PostgreSQL version",
+    "version": "not available for this version",
     "role": "runs only on a",
     "extension": "extension not installed in this database",
     "preload": "library not in shared_preload_libraries",
@@ -156,16 +160,42 @@ SKIP_REASONS = {
 }
 
 
-def _skip_detail(collector: catalog.Collector, reason: str) -> str:
+def _skip_detail(collector: catalog.Collector, reason: str, runtime: TargetRuntime | None = None) -> str:
     if reason == "role":
         return f" {collector.role}"
     if reason == "extension":
         return f" ({collector.extension}; CREATE EXTENSION {collector.extension})"
     if reason == "preload":
         return f" ({collector.preload})"
-    if reason == "version" and collector.min_server_version:
-        return f" (needs {collector.min_server_version // 10000}+)"
+    if reason == "version":
+        return _version_detail(collector, runtime)
     return ""
+
+
+def _version_detail(collector: catalog.Collector, runtime: TargetRuntime | None) -> str:
+    """Which version the target has and which ones the collector reads (for `check`)."""
+    facts = runtime.facts if runtime is not None else None
+    by_extension = collector.version_source != "server" and (facts is None
+                                                             or facts.version_num >= collector.min_server_version)
+    lows = [v.min_version for v in collector.variants]
+    highs = [v.max_version for v in collector.variants]
+    if not by_extension:
+        low, high = collector.min_server_version, catalog.VERSION_INFINITY
+        if collector.version_source == "server" and collector.variants:
+            low, high = max(low, min(lows)), max(highs)
+        have = f"PostgreSQL {facts.version}; " if facts is not None else ""
+        upto = " and newer" if high >= catalog.VERSION_INFINITY else f" to {(high - 1) // 10000}"
+        return f" ({have}runs on PostgreSQL {low // 10000}{upto})"
+    ext = collector.version_source
+    installed = None
+    if facts is not None and runtime is not None:
+        per_db = facts.extensions.get(str(runtime.conns.default_dbname)) or next(iter(facts.extensions.values()), {})
+        installed = per_db.get(ext)
+    have = f"{ext} {installed[1] // 100}.{installed[1] % 100} installed; " if installed else ""
+    low, high = min(lows, default=0), max(highs, default=catalog.VERSION_INFINITY)
+    upto = " and newer" if high >= catalog.VERSION_INFINITY else f" up to {(high - 1) // 100}.{(high - 1) % 100}"
+    hint = f": ALTER EXTENSION {ext} UPDATE" if installed and installed[1] < low else ""
+    return f" ({have}reads {ext} {low // 100}.{low % 100}{upto}{hint})"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -1,0 +1,92 @@
+"""A collector that cannot run on the server's version (or extension version) is skipped and says so, on every major."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from exporter import __version__
+from exporter.catalog import Collector, MetricSpec, SqlVariant, load, validate
+from exporter.cli import _skip_detail, main
+from exporter.engine import Engine
+from exporter.snapshot import Snapshot
+from tests.conftest import Metrics, Server, collect_once, settings_for
+
+pytestmark = [pytest.mark.live, pytest.mark.family("skeleton")]
+
+
+def _server_version(pg: Server) -> str:
+    return str(pg.execute("SELECT current_setting('server_version') AS v")[0]["v"])
+
+
+def _version_skips_expected(version_num: int) -> dict[str, int]:
+    """Enabled PostgreSQL collectors that cannot run on ``version_num``, with the first major they run on."""
+    out = {}
+    for c in load().collectors:
+        if c.target_kind != "postgres" or not c.enabled:
+            continue
+        server_variants = c.version_source == "server" and c.variants
+        if version_num < c.min_server_version or (server_variants and c.variant_for(version_num) is None):
+            lowest = min(v.min_version for v in c.variants) if server_variants else 0
+            out[c.name] = max(c.min_server_version, lowest) // 10000
+    return out
+
+
+def test_check_and_self_metric_name_each_collector_this_version_lacks(pg: Server, capsys) -> None:
+    expected = _version_skips_expected(pg.version_num)
+    assert main(["check", "--dsn", pg.monitor_dsn, "--name", "main", "--log-level", "ERROR"]) == 0
+    out = capsys.readouterr().out
+    lines = {m.group(1): m.group(2) for m in re.finditer(r"^  (\S+)\s+(.*)$", out, re.MULTILINE)}
+    said = {name for name, text in lines.items() if "not available for this version" in text}
+    assert said == set(expected), out
+    version = _server_version(pg)
+    for name, first_major in expected.items():
+        assert f"(PostgreSQL {version}; runs on PostgreSQL {first_major} " in lines[name], lines[name]
+    metrics: Metrics = collect_once(pg)
+    skipped = {labels["collector"] for labels, value in metrics.find("pgvitals_collector_skipped", reason="version")
+               if value == 1}
+    assert skipped == set(expected)
+    for name in expected:  # skipped, not failing at every interval
+        assert not metrics.find("pgvitals_collector_errors_total", collector=name)
+        assert metrics.value("pgvitals_collector_success", collector=name) is None
+
+
+def _ext_collector(*variants: SqlVariant) -> Collector:
+    return Collector(
+        name="ext_version_probe", family="skeleton", help="Reads only some pg_stat_statements versions.",
+        extension="pg_stat_statements", version_source="pg_stat_statements", variants=variants,
+        metrics=(MetricSpec("ext_version_probe_value", "gauge", "A constant.", value="v"),),
+    )
+
+
+@pytest.mark.parametrize(("variant", "detail"), [
+    (SqlVariant("SELECT 1 AS v", 9900), r"reads pg_stat_statements 99\.0 and newer: "
+                                        r"ALTER EXTENSION pg_stat_statements UPDATE\)$"),
+    (SqlVariant("SELECT 1 AS v", 100, 104), r"reads pg_stat_statements 1\.0 up to 1\.3\)$"),
+])
+def test_an_extension_version_it_cannot_read_is_skipped_not_failed(
+        pg: Server, fresh_db: str, variant: SqlVariant, detail: str) -> None:
+    pg.execute("CREATE EXTENSION pg_stat_statements", fresh_db)
+    installed = pg.execute("SELECT extversion FROM pg_extension WHERE extname = 'pg_stat_statements'",
+                           fresh_db)[0]["extversion"]
+    collector = _ext_collector(variant)
+    catalog = validate([collector])
+    snapshot = Snapshot(catalog, __version__)
+    engine = Engine(catalog, settings_for([{"name": "main", "dsn": pg.dsn(fresh_db)}]), snapshot)
+    try:
+        runtime = engine.targets["main"]
+        assert engine.probe(runtime)
+        for _ in range(2):
+            engine.collect(runtime, engine.collectors[collector.name])
+        status = snapshot.status("main", collector.name)
+        assert status.skipped == "version"
+        assert status.errors == {}
+        text = _skip_detail(collector, "version", runtime)
+        assert text.startswith(f" (pg_stat_statements {installed} installed; "), text
+        assert re.search(detail, text), text
+        rendered = Metrics(snapshot.render().decode())
+        assert rendered.value("pgvitals_collector_skipped", collector=collector.name, reason="version") == 1
+        assert rendered.value("ext_version_probe_value") is None
+    finally:
+        engine.close()
