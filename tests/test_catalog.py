@@ -7,8 +7,6 @@ from pathlib import Path
 import pytest
 
 from exporter.catalog import (
-    PG_MAX_SUPPORTED,
-    PG_MIN_SUPPORTED,
     CatalogError,
     Collector,
     MetricSpec,
@@ -57,16 +55,6 @@ def test_rule_violations_are_rejected(overrides: dict[str, object], message: str
 def test_a_metric_name_belongs_to_one_collector() -> None:
     with pytest.raises(CatalogError, match="already declared"):
         validate([_collector(), _collector(name="d")])
-
-
-def test_server_version_variants_cover_every_supported_major_without_gaps() -> None:
-    for collector in load().collectors:
-        if collector.version_source != "server" or not collector.variants or collector.target_kind != "postgres":
-            continue
-        start = max(PG_MIN_SUPPORTED, collector.min_server_version)
-        for version in range(start, PG_MAX_SUPPORTED, 10000):
-            covering = [v for v in collector.variants if v.covers(version) and v.covers(version + 9999)]
-            assert len(covering) == 1, f"{collector.name}: {len(covering)} variants for {version}"
 
 
 def test_docs_metrics_md_is_up_to_date() -> None:
