@@ -86,6 +86,7 @@ class Recording:
 
     record: str
     expr: str
+    group: str  # the alert group that uses it: evaluated first in that group, so alerts see this evaluation's value
     labels: dict[str, str] = field(default_factory=dict)
 
     def to_yaml(self) -> dict[str, Any]:
@@ -127,15 +128,21 @@ def recording_rules(config: AlertsConfig) -> list[Recording]:
     """The ratios that dashboards and alerts share, recorded over the configured rate window."""
     window = duration(config.rate_window)
     return [
-        Recording(CACHE_HIT_DB, cache_hit_ratio(window)),
-        Recording(BLOCKS_DB, blocks_rate(window)),
-        Recording(CACHE_HIT_TARGET, cache_hit_ratio(window, by="without (datname)")),
-        Recording(CONNECTIONS_UTILIZATION, connections_utilization()),
-        Recording(POOL_UTILIZATION, pool_utilization()),
-        Recording(STATEMENT_MEAN, statement_mean_seconds(window)),
-        Recording(WRAPAROUND, wraparound_ratio("pg_database_xid_age"), {"kind": "xid"}),
-        Recording(WRAPAROUND, wraparound_ratio("pg_database_mxid_age"), {"kind": "multixact"}),
+        Recording(CONNECTIONS_UTILIZATION, connections_utilization(), "connections"),
+        Recording(POOL_UTILIZATION, pool_utilization(), "connections"),
+        Recording(STATEMENT_MEAN, statement_mean_seconds(window), "queries"),
+        Recording(CACHE_HIT_DB, cache_hit_ratio(window), "queries"),
+        Recording(BLOCKS_DB, blocks_rate(window), "queries"),
+        Recording(CACHE_HIT_TARGET, cache_hit_ratio(window, by="without (datname)"), "queries"),
+        Recording(WRAPAROUND, wraparound_ratio("pg_database_xid_age"), "storage", {"kind": "xid"}),
+        Recording(WRAPAROUND, wraparound_ratio("pg_database_mxid_age"), "storage", {"kind": "multixact"}),
     ]
+
+
+def _bloat(prefix: str, ratio: float, min_bytes: int) -> str:
+    """Tables whose bloat ratio is above ``ratio`` and whose size (bloat bytes / ratio) is above ``min_bytes``."""
+    share, wasted = m(f"{prefix}_ratio"), m(f"{prefix}_bytes")
+    return f"({share} > {number(ratio)} and {wasted} / {share} > {min_bytes})"
 
 
 def _stale_expr(settings: Settings) -> str:
@@ -278,13 +285,15 @@ def alert_rules(settings: Settings) -> list[Alert]:
               f"{number(c.cache_hit.min_blocks_per_second)} block accesses/s): the working set no longer fits.",
               "cache_hit"),
         Alert("PostgresTableBloat", "storage",
-              f"{m('pg_table_bloat_ratio')} > {number(c.bloat.ratio)} "
-              f"and ({m('pg_table_bloat_bytes')} / {m('pg_table_bloat_ratio')}) > {c.bloat.min_table_bytes}",
+              f"{_bloat('pg_table_bloat_measured', c.bloat.ratio, c.bloat.min_table_bytes)} or ignoring (method) "
+              f"({_bloat('pg_table_bloat', c.bloat.ratio, c.bloat.min_table_bytes)} "
+              f"unless ignoring (method) {m('pg_table_bloat_measured_ratio')})",
               c.bloat.for_, "info",
               "Table {{ $labels.schemaname }}.{{ $labels.relname }} on " + db + " is " + pct + " bloat",
-              "An estimated " + pct + " of table {{ $labels.schemaname }}.{{ $labels.relname }} on " + db
-              + f" is dead space (threshold {number(c.bloat.ratio * 100)} % on tables over "
-              f"{c.bloat.min_table_bytes} bytes).", "bloat"),
+              "About " + pct + " of table {{ $labels.schemaname }}.{{ $labels.relname }} on " + db
+              + " is dead space, {{ $labels.method }} (threshold " + f"{number(c.bloat.ratio * 100)} % on tables over "
+              f"{c.bloat.min_table_bytes} bytes; a measurement by pgstattuple_approx wins over the estimate).",
+              "bloat"),
         Alert("PostgresWraparoundWarning", "storage", f"{WRAPAROUND} > {number(c.wraparound.warning)}",
               c.wraparound.for_, "warning", f"{{{{ $labels.kind }}}} ID age on {db} is {pct} of wraparound",
               f"The oldest {{{{ $labels.kind }}}} ID in {db} is {pct} of the way to wraparound (2^31); "
@@ -309,16 +318,18 @@ def alert_rules(settings: Settings) -> list[Alert]:
 
 
 def rule_groups(settings: Settings) -> dict[str, Any]:
-    """The whole rule file as a mapping (recording rules first, then one group per alert family)."""
+    """The whole rule file as a mapping: one group per alert family, its recording rules first.
+
+    Rules of one group run in order at the same evaluation time, so an alert sees the value its recording
+    rule produced in that evaluation (across groups it would see the previous one, or not, by chance).
+    """
     config = settings.alerts
-    groups: list[dict[str, Any]] = [
-        {"name": "pgvitals.recording", "rules": [rule.to_yaml() for rule in recording_rules(config)]},
-    ]
     by_group: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for rule in recording_rules(config):
+        by_group[rule.group].append(rule.to_yaml())
     for alert in alert_rules(settings):
         by_group[alert.group].append(alert.to_yaml(config))
-    groups += [{"name": f"pgvitals.{name}", "rules": rules} for name, rules in by_group.items()]
-    return {"groups": groups}
+    return {"groups": [{"name": f"pgvitals.{name}", "rules": rules} for name, rules in by_group.items()]}
 
 
 class _Dumper(yaml.SafeDumper):

@@ -199,7 +199,7 @@ def build_panel(panel: PanelSpec, grid: G.GridPos) -> G.Panel:
                                                       "filterable": True}
         extra["fieldConfig"]["defaults"]["color"] = {"mode": "thresholds"}
         extra["options"] = {"showHeader": True, "cellHeight": "sm",
-                            "footer": {"show": False, "reducer": ["sum"], "countRows": False, "fields": ""}}
+                            "footer": {"show": False, "reducer": ["sum"], "countRows": False}}
         result = G.Table(**common, extraJson=extra)
     else:
         raise ValueError(f"unknown panel kind {panel.kind!r}")
@@ -239,7 +239,6 @@ def query_variable(name: str, label: str, query: str, multi: bool = True) -> dic
     """A label_values() variable with multi-select and "All" (which matches every value, new ones included)."""
     return {
         "type": "query", "name": name, "label": label, "datasource": DATASOURCE,
-        "definition": query,
         "query": {"qryType": 1, "query": query, "refId": "PrometheusVariableQueryEditor-VariableQuery"},
         "current": {"selected": True, "text": ["All"], "value": ["$__all"]} if multi else {},
         "multi": multi, "includeAll": multi, "allValue": ".*" if multi else None, "refresh": 2, "sort": 1,

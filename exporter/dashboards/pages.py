@@ -118,7 +118,7 @@ def overview(c: AlertsConfig) -> dict[str, Any]:
     ]
     return dashboard(UID_OVERVIEW, "pgvitals / Overview",
                      "Health of every monitored PostgreSQL and PgBouncer target; click a tile for its page.",
-                     panels, [datasource_variable(), target_variable()])
+                     panels, [datasource_variable(), target_variable(), datname_variable()])
 
 
 def target_page(c: AlertsConfig) -> dict[str, Any]:
@@ -242,19 +242,39 @@ def storage_page(c: AlertsConfig) -> dict[str, Any]:
     table = "{{target}}/{{datname}} {{schemaname}}.{{relname}}"
     panels: list[PanelSpec | str] = [
         "Bloat and vacuum",
-        _t("bargauge", "Table bloat (estimated)", f"Share of each table that is dead space (top {TOP}); the alert "
-           f"fires above {c.bloat.ratio:.0%} on tables over {c.bloat.min_table_bytes / 2**30:g} GiB.",
-           Query(f"topk({TOP}, {sel('pg_table_bloat_ratio')})", table), unit="percentunit", min=0, max=1,
-           thresholds=alarm(c.bloat.ratio)),
-        _t("bargauge", "Index bloat (estimated)", f"Share of each btree index that is dead space (top {TOP}).",
+        _t("bargauge", "Table bloat", f"Share of each table that is dead space (top {TOP}): measured by "
+           "pgstattuple_approx on the largest tables where the extension is installed, estimated from statistics "
+           f"elsewhere (method label). The alert fires above {c.bloat.ratio:.0%} on tables over "
+           f"{c.bloat.min_table_bytes / 2**30:g} GiB.",
+           Query(f"topk({TOP}, {sel('pg_table_bloat_measured_ratio')})", table + " measured"),
+           Query(f"topk({TOP}, {sel('pg_table_bloat_ratio')})", table + " estimated"),
+           unit="percentunit", min=0, max=1, thresholds=alarm(c.bloat.ratio)),
+        _t("bargauge", "Index bloat", f"Share of each btree index that is dead space (top {TOP}), measured by "
+           "pgstatindex or estimated.",
+           Query(f"topk({TOP}, {sel('pg_index_bloat_measured_ratio')})",
+                 "{{target}}/{{datname}} {{schemaname}}.{{indexrelname}} measured"),
            Query(f"topk({TOP}, {sel('pg_index_bloat_ratio')})",
-                 "{{target}}/{{datname}} {{schemaname}}.{{indexrelname}}"),
+                 "{{target}}/{{datname}} {{schemaname}}.{{indexrelname}} estimated"),
            unit="percentunit", min=0, max=1, thresholds=rising(c.bloat.ratio)),
-        _t("bargauge", "Wasted bytes in tables", f"Estimated dead space in bytes (top {TOP}).",
-           Query(f"topk({TOP}, {sel('pg_table_bloat_bytes')})", table), unit="bytes",
+        _t("bargauge", "Wasted bytes in tables", f"Dead space in bytes (top {TOP}), measured or estimated.",
+           Query(f"topk({TOP}, {sel('pg_table_bloat_measured_bytes')})", table + " measured"),
+           Query(f"topk({TOP}, {sel('pg_table_bloat_bytes')})", table + " estimated"), unit="bytes",
            thresholds=rising(c.bloat.min_table_bytes * c.bloat.ratio)),
         _t("timeseries", "Dead tuples", f"Dead rows waiting for vacuum (top {TOP} tables).",
            Query(f"topk({TOP}, {sel('pg_stat_user_tables_n_dead_tup')})", table), unit="short"),
+        _t("bargauge", "Longest without vacuum", f"Time since the last vacuum, manual or automatic, of the tables "
+           f"vacuumed longest ago (top {TOP}); tables never vacuumed have no timestamp and are not listed.",
+           # The later of the two timestamps: autovacuum where newer, else manual, else whichever exists.
+           Query(f"topk({TOP}, time() - ({sel('pg_stat_user_tables_last_autovacuum_timestamp_seconds')} > "
+                 f"{sel('pg_stat_user_tables_last_vacuum_timestamp_seconds')} or "
+                 f"{sel('pg_stat_user_tables_last_vacuum_timestamp_seconds')} or "
+                 f"{sel('pg_stat_user_tables_last_autovacuum_timestamp_seconds')}))", table),
+           unit="s", thresholds=rising(86400, 7 * 86400)),
+        _t("timeseries", "Autovacuum runs", "Autovacuum and autoanalyze runs per rate interval, by database.",
+           Query(f"sum by (target, datname) (increase({sel('pg_stat_user_tables_autovacuum_count_total')}"
+                 "[$__rate_interval]))", "autovacuum {{target}}/{{datname}}"),
+           Query(f"sum by (target, datname) (increase({sel('pg_stat_user_tables_autoanalyze_count_total')}"
+                 "[$__rate_interval]))", "autoanalyze {{target}}/{{datname}}"), unit="short"),
         "Wraparound",
         _t("timeseries", "Transaction ID age towards wraparound", "Age of the oldest transaction and multixact "
            f"ID as a share of 2^31; yellow at {c.wraparound.warning:.0%}, red at {c.wraparound.critical:.0%} "
@@ -264,9 +284,10 @@ def storage_page(c: AlertsConfig) -> dict[str, Any]:
            Query(rules.wraparound_ratio("pg_database_mxid_age", sel("pg_database_mxid_age")),
                  "multixact {{target}}/{{datname}}"),
            unit="percentunit", min=0, thresholds=rising(c.wraparound.warning, c.wraparound.critical)),
-        _t("timeseries", "Transaction ID age", "Oldest transaction ID age per database, against "
-           "autovacuum_freeze_max_age (where anti-wraparound vacuum starts).",
+        _t("timeseries", "Transaction ID age", "Oldest transaction ID age per database and of its oldest table, "
+           "against autovacuum_freeze_max_age (where anti-wraparound vacuum starts).",
            Query(sel("pg_database_xid_age"), "{{target}}/{{datname}}"),
+           Query(sel("pg_database_oldest_table_xid_age"), "oldest table {{target}}/{{datname}}"),
            Query(sel("pg_settings_autovacuum_freeze_max_age"), "{{target}} autovacuum_freeze_max_age"),
            unit="short"),
         "Sizes",
@@ -327,7 +348,7 @@ def replication_page(c: AlertsConfig) -> dict[str, Any]:
            Query(sel("pg_stat_archiver_last_archive_age_seconds"), "{{target}}"), unit="s"),
     ]
     return dashboard(UID_REPLICATION, "pgvitals / Replication", "Standby lag, slots and WAL archiving.", panels,
-                     [datasource_variable(), target_variable()])
+                     [datasource_variable(), target_variable(), datname_variable()])
 
 
 def connections_page(c: AlertsConfig) -> dict[str, Any]:

@@ -159,7 +159,11 @@ def _matcher_labels(tokens: list[tuple[str, str]], start: int, end: int) -> tupl
             if position + 2 >= end + 1 or tokens[position + 1][0] != "op":
                 raise PromQLSyntaxError(f"bad label matcher near {text!r}")
             if text == "__name__":
-                names.append(tokens[position + 2][1][1:-1])
+                op, value = tokens[position + 1][1], tokens[position + 2][1][1:-1]
+                alternatives = value.split("|") if op == "=~" else [value]
+                if op not in ("=", "=~") or not all(re.fullmatch(r"[A-Za-z_:][A-Za-z0-9_:]*", a) for a in alternatives):
+                    raise PromQLSyntaxError(f"cannot tell which metrics __name__{op}{value!r} selects")
+                names.extend(alternatives)
             else:
                 labels.append(text)
             position += 3
@@ -181,15 +185,15 @@ def references(expr: str) -> list[Reference]:
             if following == "(":
                 position = _skip_group(tokens, position, "(", ")")
             continue
+        if kind == "ident" and (text in KEYWORDS or text.lower() in LITERALS):
+            position += 1
+            continue
         if kind == "ident" and following == "(":
             if text not in FUNCTIONS and text not in AGGREGATORS:
                 raise PromQLSyntaxError(f"unknown function {text!r} in {expr!r}")
             position += 1
             continue
         if kind == "ident" and text in AGGREGATORS and following in ("by", "without"):
-            position += 1
-            continue
-        if kind == "ident" and (text in KEYWORDS or text.lower() in LITERALS):
             position += 1
             continue
         if kind == "ident":
@@ -217,3 +221,41 @@ def references(expr: str) -> list[Reference]:
 def referenced_metrics(expr: str) -> set[str]:
     """The metric names ``expr`` selects."""
     return {ref.metric for ref in references(expr)}
+
+
+def expand_variables(expr: str, rate_interval: str = "1m", time_range: str = "1h", **values: str) -> str:
+    """``expr`` with Grafana's variables replaced, as Grafana would before sending it to Prometheus.
+
+    ``$__rate_interval`` and ``$__range`` become the given durations; ``$name`` / ``${name}`` become
+    ``values[name]`` (default ``.*``, what "All" expands to in our regex matchers).
+    """
+    builtins = {"__rate_interval": rate_interval, "__range": time_range, "__interval": rate_interval}
+
+    def replace(match: re.Match[str]) -> str:
+        name = match.group(1) or match.group(2)
+        if name in builtins:
+            return builtins[name]
+        return values.get(name, ".*")
+
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)", replace, expr)
+
+
+def reference_problems(expr: str, where: str, extra_names: frozenset[str] = frozenset()) -> list[str]:
+    """Metrics in ``expr`` that pgvitals does not export, and matchers on labels a metric does not carry.
+
+    ``extra_names``: names that exist besides the catalog and Prometheus' own (recording rules).
+    """
+    catalog = load()
+    exported = catalog.metric_names()
+    problems = []
+    for ref in references(expr):
+        if ref.metric not in exported | extra_names | PROMETHEUS_BUILTINS:
+            problems.append(f"{where}: {ref.metric} is not exported by pgvitals ({expr})")
+            continue
+        if ref.metric in exported:
+            declared = catalog.metric(ref.metric)
+            labels = set(declared.labels) | SCRAPE_LABELS | ({"target"} if declared.per_target else set())
+            unknown = set(ref.labels) - labels - {"__name__"}
+            if unknown:
+                problems.append(f"{where}: {ref.metric} has no label {sorted(unknown)}")
+    return problems
