@@ -23,22 +23,36 @@ STICKINESS = 1.25
 
 # Size comes from pg_class.relpages (heap + TOAST + indexes), maintained by VACUUM/ANALYZE: reading it
 # takes no relation lock, so this never queues behind DDL. Ranking and remainder are one pass.
+# The counters are those of pg_statio_user_tables (same functions, relkinds and schema filter), computed
+# here so that every index is visited once, for its size and its counters together. The view on 12
+# also multiplies the TOAST index counters by the number of the table's indexes; this does not.
 _TABLES_SQL = f"""
-WITH index_pages AS (
-  SELECT x.indrelid, sum(ic.relpages)::bigint AS pages
+WITH idx AS MATERIALIZED (
+  SELECT x.indrelid, sum(ic.relpages)::bigint AS pages,
+         sum(pg_catalog.pg_stat_get_blocks_fetched(x.indexrelid)
+             - pg_catalog.pg_stat_get_blocks_hit(x.indexrelid))::bigint AS blks_read,
+         sum(pg_catalog.pg_stat_get_blocks_hit(x.indexrelid))::bigint AS blks_hit
   FROM pg_catalog.pg_index x JOIN pg_catalog.pg_class ic ON ic.oid = x.indexrelid
   GROUP BY x.indrelid
 ), ranked AS MATERIALIZED (
-  SELECT s.relid, s.schemaname, s.relname, s.heap_blks_read, s.heap_blks_hit, s.idx_blks_read,
-         s.idx_blks_hit, s.toast_blks_read, s.toast_blks_hit, s.tidx_blks_read, s.tidx_blks_hit,
+  SELECT c.oid AS relid, n.nspname AS schemaname, c.relname,
+         pg_catalog.pg_stat_get_blocks_fetched(c.oid) - pg_catalog.pg_stat_get_blocks_hit(c.oid) AS heap_blks_read,
+         pg_catalog.pg_stat_get_blocks_hit(c.oid) AS heap_blks_hit,
+         i.blks_read AS idx_blks_read, i.blks_hit AS idx_blks_hit,
+         pg_catalog.pg_stat_get_blocks_fetched(t.oid) - pg_catalog.pg_stat_get_blocks_hit(t.oid) AS toast_blks_read,
+         pg_catalog.pg_stat_get_blocks_hit(t.oid) AS toast_blks_hit,
+         ti.blks_read AS tidx_blks_read, ti.blks_hit AS tidx_blks_hit,
          pg_catalog.row_number() OVER (ORDER BY
            (c.relpages::bigint + COALESCE(t.relpages, 0) + COALESCE(i.pages, 0))
-             * CASE WHEN s.relid::bigint = ANY(%(incumbents)s::bigint[]) THEN {STICKINESS} ELSE 1 END DESC,
-           s.relid::bigint = ANY(%(incumbents)s::bigint[]) DESC, s.relid) AS rank
-  FROM pg_catalog.pg_statio_user_tables s
-  JOIN pg_catalog.pg_class c ON c.oid = s.relid
+             * CASE WHEN c.oid::bigint = ANY(%(incumbents)s::bigint[]) THEN {STICKINESS} ELSE 1 END DESC,
+           c.oid::bigint = ANY(%(incumbents)s::bigint[]) DESC, c.oid) AS rank
+  FROM pg_catalog.pg_class c
+  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
   LEFT JOIN pg_catalog.pg_class t ON t.oid = c.reltoastrelid
-  LEFT JOIN index_pages i ON i.indrelid = s.relid
+  LEFT JOIN idx i ON i.indrelid = c.oid
+  LEFT JOIN idx ti ON ti.indrelid = t.oid
+  WHERE c.relkind IN ('r', 't', 'm')
+    AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname !~ '^pg_toast'
 )
 SELECT relid::bigint AS relid, schemaname::text, relname::text, heap_blks_read, heap_blks_hit,
        idx_blks_read, idx_blks_hit, toast_blks_read, toast_blks_hit, tidx_blks_read, tidx_blks_hit
@@ -71,6 +85,10 @@ FROM ranked WHERE rank > %(top_n)s"""
 def fetch_top(session: Session, ctx: RunContext, sql: str | None) -> Rows:
     """Run the ranking query with last run's selection as incumbents, and remember this run's."""
     assert sql is not None
+    # A monitoring query has no use for JIT compilation (it cost more than the query at 10,000 tables)
+    # nor for parallel workers taken from the application's max_parallel_workers.
+    session.query("SELECT pg_catalog.set_config('jit', 'off', true), "
+                  "pg_catalog.set_config('max_parallel_workers_per_gather', '0', true)")
     top_n = max(0, int(ctx.params["top_n"]))
     rows = session.query(sql, {"top_n": top_n, "incumbents": list(ctx.state.get("incumbents", ()))})
     ctx.state["incumbents"] = [row["relid"] for row in rows if row["relid"] is not None]
