@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -110,7 +112,10 @@ class Session:
         instead of joining the lock queue (and blocking everyone queued after it).
         """
         if self.pgbouncer:
-            yield self  # the admin console knows no transactions nor settings
+            # The admin console knows no transactions nor settings: a client-side watchdog is all
+            # that stops a hung or frozen PgBouncer from holding this worker forever.
+            with self._watchdog(timeout):
+                yield self
             return
         statement_ms = max(1, int(timeout * 1000))
         lock_ms = max(1, int(min(lock_timeout, timeout) * 1000))
@@ -126,6 +131,29 @@ class Session:
             # Nothing is ever written: end the transaction, failed or not, before the next run.
             if not self.conn.closed and self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
                 self.conn.execute("ROLLBACK")
+
+    @contextmanager
+    def _watchdog(self, timeout: float) -> Iterator[None]:
+        """Shut the socket down if the block takes longer than ``timeout`` (the read then fails)."""
+        fired = threading.Event()
+
+        def expire() -> None:
+            fired.set()
+            # shutdown() wakes the blocked read without closing the descriptor psycopg uses.
+            with suppress(OSError), socket.socket(fileno=os.dup(self.conn.fileno())) as sock:
+                sock.shutdown(socket.SHUT_RDWR)
+
+        timer = threading.Timer(timeout, expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        except psycopg.Error as exc:
+            if fired.is_set():
+                raise CollectError("timeout", f"no answer within {timeout:g}s, connection dropped") from exc
+            raise
+        finally:
+            timer.cancel()
 
     def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[Row]:
         """Run one statement and return its rows as dicts."""

@@ -225,3 +225,30 @@ def test_pgbouncer_going_away(pg: Server, tmp_path: Path) -> None:
             assert not metrics.find("pgbouncer_pools_client_active_connections")  # nothing stale served
         finally:
             watcher.close()
+
+
+def test_a_frozen_pgbouncer_does_not_hold_a_worker(pg: Server) -> None:
+    """PgBouncer's console has no statement_timeout: a client-side watchdog must give up instead."""
+    import os
+    import signal
+    import time
+
+    with running_pgbouncer(pg, pool_size=2) as bouncer:
+        settings = settings_for([], pgbouncers=[{"name": "edge", "dsn": bouncer.admin_dsn}],
+                                collectors={"pgbouncer_pools": {"timeout": "1s"}})
+        catalog = load()
+        snapshot = Snapshot(catalog, __version__)
+        engine = Engine(catalog, settings, snapshot)
+        runtime = engine.targets["edge"]
+        assert engine.probe(runtime)  # leaves an idle admin connection in the target's set
+        os.kill(bouncer.process.pid, signal.SIGSTOP)  # frozen: the socket stays open, nothing answers
+        try:
+            started = time.monotonic()
+            engine.collect(runtime, engine.collectors["pgbouncer_pools"])
+            assert time.monotonic() - started < 10
+            assert snapshot.status("edge", "pgbouncer_pools").errors == {"timeout": 1}
+        finally:
+            os.kill(bouncer.process.pid, signal.SIGCONT)
+        engine.collect(runtime, engine.collectors["pgbouncer_pools"])
+        assert snapshot.status("edge", "pgbouncer_pools").success is True
+        engine.close()
