@@ -323,16 +323,38 @@ def test_promtool_rejects_a_broken_panel_query(tmp_path: Path) -> None:
     assert result.returncode != 0
 
 
-def test_readme_and_runbook_promql_names_only_exported_metrics() -> None:
-    problems = []
+def documented_promql() -> list[tuple[str, str]]:
+    """(document, expression) of the PromQL users copy from our docs: ```promql blocks (expressions separated
+    by blank lines, # comments removed) and inline code spans that are whole expressions over our metrics."""
+    out = []
     for doc in ("README.md", "docs/runbooks.md"):
         text = (ROOT / doc).read_text(encoding="utf-8")
-        blocks = re.findall(r"```promql\n(.*?)```", text, re.S)
-        for block in blocks:
-            for line in block.strip().splitlines():
-                if line.strip() and not line.lstrip().startswith("#"):
-                    problems.extend(check_references(line, doc))
+        for block in re.findall(r"```promql\n(.*?)```", text, re.S):
+            lines = [re.sub(r"\s+#.*$|^#.*$", "", line) for line in block.splitlines()]
+            for chunk in re.split(r"\n\s*\n", "\n".join(lines)):
+                # Several one-line expressions in a row, or one expression over several lines.
+                pieces = chunk.strip().splitlines()
+                one_per_line = all(not p.strip().startswith(("/", "+", "-", "*", ")", "and", "or", "unless"))
+                                   and p.count("(") == p.count(")") for p in pieces)
+                out.extend((doc, p.strip()) for p in pieces) if one_per_line else out.append((doc, chunk.strip()))
+        prose = re.sub(r"```.*?```", "", text, flags=re.S).replace("\n", " ")  # inline code may wrap lines
+        for span in re.findall(r"`([^`]+)`", prose):
+            if re.search(r"\b(pg|pgbouncer|pgvitals)_\w+", span) and re.search(r"\b(rate|increase|sum|max)\b", span) \
+                    and "(" in span and "..." not in span and span.count("(") == span.count(")"):
+                out.append((doc, span))
+    return [(doc, expr) for doc, expr in out if expr]
+
+
+def test_documented_promql_names_only_exported_metrics_and_parses(tmp_path: Path) -> None:
+    snippets = documented_promql()
+    assert snippets, "no PromQL found in README.md / docs/runbooks.md"
+    problems = [p for doc, expr in snippets for p in check_references(expr, doc)]
     assert not problems, "\n".join(problems)
+    rules = [{"record": f"pgvitals_doc_{index}", "expr": expr} for index, (_doc, expr) in enumerate(snippets)]
+    path = tmp_path / "docs.rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "docs", "rules": rules}]}))
+    result = subprocess.run([PROMTOOL, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 # -- committed output -----------------------------------------------------------------------------------------

@@ -10,14 +10,14 @@ from exporter.config import AlertsConfig
 
 PROVISIONING_DATASOURCE = """\
 # Grafana data source provisioning: a Prometheus that scrapes pgvitals and loads its rule file.
-# Copy to /etc/grafana/provisioning/datasources/ and set the URL (or PROMETHEUS_URL in Grafana's environment).
+# Copy to /etc/grafana/provisioning/datasources/ and set the URL of your Prometheus.
 apiVersion: 1
 datasources:
   - name: Prometheus
     type: prometheus
     uid: prometheus
     access: proxy
-    url: ${PROMETHEUS_URL:-http://localhost:9090}
+    url: http://localhost:9090
     isDefault: true
     jsonData:
       timeInterval: 15s   # the scrape interval: $__rate_interval is at least four of these
@@ -25,7 +25,7 @@ datasources:
 
 PROVISIONING_DASHBOARDS = """\
 # Grafana dashboard provider: loads every pgvitals dashboard JSON from a folder.
-# Copy to /etc/grafana/provisioning/dashboards/ and point `path` at the generated dashboards/ folder.
+# Copy to /etc/grafana/provisioning/dashboards/ and point `path` at a copy of the generated dashboards/*.json.
 apiVersion: 1
 providers:
   - name: pgvitals
@@ -35,7 +35,7 @@ providers:
     allowUiUpdates: false
     updateIntervalSeconds: 60
     options:
-      path: ${PGVITALS_DASHBOARDS:-/var/lib/grafana/dashboards/pgvitals}
+      path: /var/lib/grafana/dashboards/pgvitals
       foldersFromFilesStructure: false
 """
 
