@@ -256,6 +256,7 @@ class Engine:
         results: dict[str, dict[str, bytes]] = {}
         failed: list[tuple[str | None, CollectError]] = []
         skipped_everywhere = True
+        last_skip: str | None = None
         series = 0
         for dbname in databases:
             try:
@@ -270,12 +271,14 @@ class Engine:
                 skipped_everywhere = False
                 results[dbname or ""] = chunks
                 series += count
-            elif collector.scope == "server":
-                status.skipped = skip
+            else:
+                last_skip = skip
         finished = time.time()
         status.runs += 1
         status.duration = time.monotonic() - started
-        if collector.scope == "server" and not failed and skipped_everywhere:
+        if not failed and skipped_everywhere and last_skip is not None:
+            # The server, or every selected database (e.g. none has the extension), says it does not apply.
+            status.skipped = last_skip
             self.snapshot.drop(runtime.name, collector.name)
             return
         status.skipped = None
