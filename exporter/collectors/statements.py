@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -32,6 +31,8 @@ COUNTERS = (
     "calls", "exec_ms", "plan_ms", "rows", "shared_blks_hit", "shared_blks_read",
     "temp_blks_read", "temp_blks_written", "blk_read_ms", "blk_write_ms", "wal_bytes",
 )
+
+MAX_TEXT_LENGTH = 1000  # a label, not a log: longer texts belong in the database's own tools
 
 Key = tuple[int, int, int]  # (dbid, userid, queryid)
 Vector = tuple[float | None, ...]  # one value per COUNTERS entry; None: the extension has no such counter
@@ -69,45 +70,48 @@ _RAW_1_11 = f"""
 _NO_INFO = "SELECT NULL::bigint AS dealloc, NULL::timestamptz AS stats_reset"
 _INFO = "SELECT i.dealloc, i.stats_reset FROM {ext_schema}.pg_stat_statements_info i"
 
-_SUMS = ",\n    ".join(f"sum(r.{c})::float8 AS {c}" for c in COUNTERS)
-_COLUMNS = ", ".join(f"m.{c}" for c in COUNTERS)
+_SUMS = ",\n    ".join(f"sum(r.{c}::float8) AS {c}" for c in COUNTERS)
+_COLUMNS = ", ".join(f"s.{c}" for c in COUNTERS)
+_TOTALS = ", ".join(f"sum(e.{c})" for c in COUNTERS)
 _NULLS = ", ".join("NULL::float8" for _ in COUNTERS)
 
 
 def _statements_sql(raw: str, info: str) -> str:
     # Entries are summed per (dbid, userid, queryid): since 1.9 a statement run both at top level and
-    # nested has two rows, which would otherwise become duplicate series. Entries of dropped databases
-    # are left out (they linger until evicted). A NULL queryid (another role's statement, seen without
-    # pg_read_all_stats) is never ranked: it can only be part of the remainder.
+    # nested has two rows, which would otherwise become duplicate series. Only the top 2N (a bounded
+    # sort) and the statements tracked last time come back one by one; everything else comes back as
+    # one total per database, and the remainder is the total minus the statements returned. Entries
+    # of dropped databases (they linger until evicted) are never ranked and their totals have no
+    # datname. A NULL queryid (another role's statement, seen without pg_read_all_stats) is never
+    # ranked either: it can only be part of the remainder.
     return f"""
-WITH raw AS ({raw}
-), entries AS (
-  SELECT r.dbid, d.datname, r.userid, r.queryid, count(*) AS entries, max(r.stats_since) AS stats_since,
+WITH entries AS (
+  SELECT r.dbid, r.userid, r.queryid, count(*) AS entries, max(r.stats_since) AS stats_since,
     {_SUMS}
-  FROM raw r JOIN pg_catalog.pg_database d ON d.oid = r.dbid
-  GROUP BY r.dbid, d.datname, r.userid, r.queryid
-), ranked AS (
-  SELECT e.*, CASE WHEN e.queryid IS NOT NULL THEN pg_catalog.row_number() OVER (
-      PARTITION BY e.queryid IS NULL ORDER BY e.exec_ms DESC, e.dbid, e.userid, e.queryid) END AS rank
-  FROM entries e
-), marked AS (
-  SELECT k.*, COALESCE(k.rank <= %(candidates)s OR (k.dbid, k.userid, k.queryid) IN (
-      SELECT t.dbid, t.userid, t.queryid
-      FROM ROWS FROM (pg_catalog.unnest(%(tracked_dbid)s::oid[]), pg_catalog.unnest(%(tracked_userid)s::oid[]),
-                      pg_catalog.unnest(%(tracked_queryid)s::int8[])) AS t(dbid, userid, queryid)), false) AS single
-  FROM ranked k
+  FROM ({raw}) r
+  GROUP BY r.dbid, r.userid, r.queryid
+), top AS (
+  SELECT t.*, pg_catalog.row_number() OVER (ORDER BY t.exec_ms DESC, t.dbid, t.userid, t.queryid) AS rank
+  FROM (SELECT e.* FROM entries e
+        WHERE e.queryid IS NOT NULL AND e.dbid IN (SELECT d.oid FROM pg_catalog.pg_database d)
+        ORDER BY e.exec_ms DESC, e.dbid, e.userid, e.queryid LIMIT %(candidates)s) t
+), tracked AS (
+  SELECT e.*, NULL::int8 AS rank FROM entries e
+  WHERE (e.dbid, e.userid, e.queryid) IN (
+    SELECT t.dbid, t.userid, t.queryid
+    FROM ROWS FROM (pg_catalog.unnest(%(tracked_dbid)s::oid[]), pg_catalog.unnest(%(tracked_userid)s::oid[]),
+                    pg_catalog.unnest(%(tracked_queryid)s::int8[])) AS t(dbid, userid, queryid))
+    AND (e.dbid, e.userid, e.queryid) NOT IN (SELECT t.dbid, t.userid, t.queryid FROM top t)
 )
-SELECT 'statement' AS kind, m.dbid::int8 AS dbid, m.datname, m.userid::int8 AS userid,
-  pg_catalog.pg_get_userbyid(m.userid) AS usename, m.queryid, m.rank, m.stats_since, {_COLUMNS},
+SELECT 'statement' AS kind, s.dbid::int8 AS dbid, d.datname, s.userid::int8 AS userid,
+  pg_catalog.pg_get_userbyid(s.userid) AS usename, s.queryid, s.rank, s.stats_since, {_COLUMNS},
   NULL::int8 AS entries, NULL::int8 AS dealloc, NULL::timestamptz AS stats_reset
-FROM marked m WHERE m.single
+FROM (SELECT * FROM top UNION ALL SELECT * FROM tracked) s JOIN pg_catalog.pg_database d ON d.oid = s.dbid
 UNION ALL
-SELECT 'rest', m.dbid::int8, m.datname, NULL, NULL, NULL, NULL, NULL,
-  {", ".join(f"sum(m.{c})" for c in COUNTERS)}, sum(m.entries)::int8, NULL, NULL
-FROM marked m WHERE NOT m.single GROUP BY m.dbid, m.datname
+SELECT 'total', e.dbid::int8, d.datname, NULL, NULL, NULL, NULL, NULL, {_TOTALS}, sum(e.entries)::int8, NULL, NULL
+FROM entries e LEFT JOIN pg_catalog.pg_database d ON d.oid = e.dbid GROUP BY e.dbid, d.datname
 UNION ALL
-SELECT 'info', NULL, NULL, NULL, NULL, NULL, NULL, NULL, {_NULLS},
-  (SELECT count(*) FROM raw), i.dealloc, i.stats_reset
+SELECT 'info', NULL, NULL, NULL, NULL, NULL, NULL, NULL, {_NULLS}, NULL, i.dealloc, i.stats_reset
 FROM ({info}) i"""
 
 
@@ -151,12 +155,12 @@ ZERO: Vector = (0.0,) * len(COUNTERS)
 
 def vector(row: Row) -> Vector:
     """The counters of a row, in COUNTERS order."""
-    return tuple(None if row.get(c) is None else float(row[c]) for c in COUNTERS)
+    return tuple([None if (v := row.get(c)) is None else float(v) for c in COUNTERS])
 
 
 def add(a: Vector, b: Vector) -> Vector:
     """Element-wise sum; a counter the extension does not have stays None."""
-    return tuple(None if y is None else (y if x is None else x + y) for x, y in zip(a, b, strict=True))
+    return tuple([None if y is None else (y if x is None else x + y) for x, y in zip(a, b, strict=True)])
 
 
 def increase(now: Vector, before: Vector | None) -> Vector:
@@ -166,12 +170,9 @@ def increase(now: Vector, before: Vector | None) -> Vector:
     return tuple(None if x is None else (x if y is None else max(0.0, x - y)) for x, y in zip(now, before, strict=True))
 
 
-def total(vectors: Iterable[Vector]) -> Vector:
-    """The sum of vectors (ZERO for none)."""
-    out = ZERO
-    for v in vectors:
-        out = add(out, v)
-    return out
+def subtract(a: Vector, b: Vector) -> Vector:
+    """Element-wise difference; None where either side has no value."""
+    return tuple([None if x is None or y is None else x - y for x, y in zip(a, b, strict=True)])
 
 
 def was_recreated(row: Row, seen: Tracked) -> bool:
@@ -205,10 +206,16 @@ def key_of(row: Row) -> Key:
 
 def bookkeep(rows: Rows, state: StatementState, top_n: int) -> tuple[Rows, list[Row]]:
     """Choose the statements to show and update the remainders; returns (output rows, selected rows)."""
-    singles = [r for r in rows if r["kind"] == "statement"]
-    rests = {int(r["dbid"]): r for r in rows if r["kind"] == "rest"}
+    singles: dict[Key, Row] = {}
+    for row in rows:
+        # A statement both in the top 2N and tracked comes back twice: keep the ranked row.
+        if row["kind"] == "statement" and (key_of(row) not in singles or row["rank"] is not None):
+            singles[key_of(row)] = row
+    values_of = {key: vector(row) for key, row in singles.items()}
+    totals = {int(r["dbid"]): vector(r) for r in rows if r["kind"] == "total" and r["datname"] is not None}
+    datnames = {int(r["dbid"]): str(r["datname"]) for r in rows if r["kind"] == "total" and r["datname"] is not None}
+    entries = sum(int(r["entries"]) for r in rows if r["kind"] == "total")
     info = next((r for r in rows if r["kind"] == "info"), {})
-    datnames = {int(r["dbid"]): str(r["datname"]) for r in rows if r["kind"] in ("statement", "rest")}
 
     stats_reset = info.get("stats_reset")
     # A full reset (pg_stat_statements_reset(), seen in pg_stat_statements_info since 1.9): everything in
@@ -216,53 +223,46 @@ def bookkeep(rows: Rows, state: StatementState, top_n: int) -> tuple[Rows, list[
     full_reset = stats_reset is not None and state.stats_reset is not None and stats_reset != state.stats_reset
     first = not state.tracked and not state.other
     known = {} if full_reset else state.tracked
-    candidates = [r for r in singles if r["rank"] is not None and int(r["rank"]) <= 2 * top_n]
+    candidates = [r for r in singles.values() if r["rank"] is not None and int(r["rank"]) <= 2 * top_n]
     chosen = select(candidates, top_n, set() if full_reset else state.selected,
                     None if first or full_reset else set(known))
     selected_keys = {key_of(r) for r in chosen}
 
     # Work done since the last run by the entries that make up "other" now: the untracked population
-    # (everything not tracked last time: the aggregate rest plus statements that just entered the top 2N)
-    # by difference of sums, and the tracked ones that are not shown by their own differences.
-    untracked_now: dict[int, Vector] = {db: vector(r) for db, r in rests.items()}
+    # (every entry not tracked last time, the ones shown from this run on excepted) by difference of its
+    # sums, and the tracked ones that are not shown by their own differences.
+    untracked_now = dict(totals)
     grown: dict[int, Vector] = {}
-    for row in singles:
-        db, key, values = int(row["dbid"]), key_of(row), vector(row)
-        untracked_now.setdefault(db, ZERO)
-        seen = known.get(key)
-        if seen is None and key in selected_keys:
-            continue  # shown from this run on (first run or after a full reset): its work is its own
-        if seen is None:
-            untracked_now[db] = add(untracked_now[db], values)
-        elif key not in selected_keys:
+    for key, row in singles.items():
+        db, values, seen = key[0], values_of[key], known.get(key)
+        if db not in totals:
+            continue
+        if seen is not None or key in selected_keys:
+            untracked_now[db] = subtract(untracked_now[db], values)
+        if seen is not None and key not in selected_keys:
             delta = values if was_recreated(row, seen) else increase(values, seen.values)
             grown[db] = add(grown.get(db, ZERO), delta)
     other: dict[int, Vector] = {}
-    for db in untracked_now:
+    for db, untracked in untracked_now.items():
         if first:
             # The exporter just started: the remainder counts from here (a drop to 0 after a restart is
             # a counter reset Prometheus understands; starting at the absolute value is not, see notes).
-            other[db] = tuple(None if x is None else 0.0 for x in untracked_now[db])
+            other[db] = tuple(None if x is None else 0.0 for x in untracked)
             continue
         before = None if full_reset else state.untracked.get(db)
         # Entries evicted since the last run take their totals with them: the difference of sums can
         # then go negative, and increase() clamps it at 0 rather than let the counter go backwards.
-        work = add(increase(untracked_now[db], before), grown.get(db, ZERO))
-        other[db] = add(state.other.get(db, ZERO), work) if db in state.other else work
-
-    # A counter this extension version lacks has no sample anywhere, the remainder included.
-    present = [any(vector(r)[i] is not None for r in (*singles, *rests.values())) for i in range(len(COUNTERS))]
-    other = {db: tuple(v if has else None for v, has in zip(values, present, strict=True))
-             for db, values in other.items()}
+        work = increase(untracked, before)
+        if db in grown:
+            work = add(work, grown[db])
+        other[db] = add(state.other[db], work) if db in state.other else work
 
     # Remember for the next run: the top 2N by their own values, everything else as sums per database.
-    tracked_next = {key_of(r): Tracked(vector(r), r["stats_since"]) for r in candidates}
-    untracked_next: dict[int, Vector] = {db: vector(r) for db, r in rests.items()}
-    for row in singles:
-        db = int(row["dbid"])
-        untracked_next.setdefault(db, ZERO)
-        if key_of(row) not in tracked_next:
-            untracked_next[db] = add(untracked_next[db], vector(row))
+    tracked_next = {key_of(r): Tracked(values_of[key_of(r)], r["stats_since"]) for r in candidates}
+    untracked_next = dict(totals)
+    for key in tracked_next:
+        if key[0] in totals:
+            untracked_next[key[0]] = subtract(untracked_next[key[0]], values_of[key])
     state.tracked, state.selected, state.untracked, state.other = tracked_next, selected_keys, untracked_next, other
     state.stats_reset = stats_reset
 
@@ -273,7 +273,7 @@ def bookkeep(rows: Rows, state: StatementState, top_n: int) -> tuple[Rows, list[
     for db, values in other.items():
         out.append({"datname": datnames[db], "usename": "", "queryid": OTHER,
                     **dict(zip(COUNTERS, values, strict=True))})
-    out.append({"entries": info.get("entries"), "dealloc": info.get("dealloc"), "stats_reset": stats_reset})
+    out.append({"entries": entries, "dealloc": info.get("dealloc"), "stats_reset": stats_reset})
     return out, chosen
 
 
@@ -297,7 +297,7 @@ def read_texts(session: Session, ctx: RunContext, state: StatementState, chosen:
     if not missing or ctx.facts is None:
         return
     schema = ctx.facts.extensions.get(session.dbname, {}).get(EXTENSION, ("public", 0))[0]
-    length = int(ctx.params["query_text_length"])
+    length = min(int(ctx.params["query_text_length"]), MAX_TEXT_LENGTH)
     # The text read loads the whole query text file server-side: done only when the shown set changes,
     # under the run's statement_timeout, and in a savepoint so that its failure leaves the numbers intact.
     session.query("SAVEPOINT pgvitals_query_text")
@@ -366,11 +366,11 @@ STATEMENTS = Collector(
     ),
     params=(
         Param("top_n", 100, "Statements shown individually, by total execution time (the rest is summed "
-                            'into queryid="other" per database).'),
+                            'into queryid="other" per database); each adds about 12 series.'),
         Param("query_text", False, "Export the text of the shown statements in pg_stat_statements_query_info. "
                                    "Off by default: texts can hold data and, for some statements, secrets."),
         Param("query_text_length", 120, "Characters of query text kept (after masking literals and "
-                                        "collapsing whitespace)."),
+                                        "collapsing whitespace; at most 1000)."),
     ),
     notes=(
         "Runs in the database of the target's DSN, where the extension must be installed; its installed version "
