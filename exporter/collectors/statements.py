@@ -105,13 +105,16 @@ WITH entries AS (
 )
 SELECT 'statement' AS kind, s.dbid::int8 AS dbid, d.datname, s.userid::int8 AS userid,
   pg_catalog.pg_get_userbyid(s.userid) AS usename, s.queryid, s.rank, s.stats_since, {_COLUMNS},
-  NULL::int8 AS entries, NULL::int8 AS dealloc, NULL::timestamptz AS stats_reset
+  NULL::int8 AS entries, NULL::int8 AS dealloc, NULL::timestamptz AS stats_reset,
+  NULL::timestamptz AS started, NULL::timestamptz AS collected_at
 FROM (SELECT * FROM top UNION ALL SELECT * FROM tracked) s JOIN pg_catalog.pg_database d ON d.oid = s.dbid
 UNION ALL
-SELECT 'total', e.dbid::int8, d.datname, NULL, NULL, NULL, NULL, NULL, {_TOTALS}, sum(e.entries)::int8, NULL, NULL
+SELECT 'total', e.dbid::int8, d.datname, NULL, NULL, NULL, NULL, NULL, {_TOTALS}, sum(e.entries)::int8, NULL, NULL,
+  NULL, NULL
 FROM entries e LEFT JOIN pg_catalog.pg_database d ON d.oid = e.dbid GROUP BY e.dbid, d.datname
 UNION ALL
-SELECT 'info', NULL, NULL, NULL, NULL, NULL, NULL, NULL, {_NULLS}, NULL, i.dealloc, i.stats_reset
+SELECT 'info', NULL, NULL, NULL, NULL, NULL, NULL, NULL, {_NULLS}, NULL, i.dealloc, i.stats_reset,
+  pg_catalog.pg_postmaster_start_time(), pg_catalog.statement_timestamp()
 FROM ({info}) i"""
 
 
@@ -146,6 +149,8 @@ class StatementState:
     untracked: dict[int, Vector] = field(default_factory=dict)
     other: dict[int, Vector] = field(default_factory=dict)
     stats_reset: datetime | None = None
+    started: datetime | None = None  # the server's start time: another value means a restart or failover
+    collected_at: datetime | None = None  # the server's clock at the last run
     texts: dict[Key, str] = field(default_factory=dict)
     text_failure: str | None = None
 
@@ -217,15 +222,22 @@ def bookkeep(rows: Rows, state: StatementState, top_n: int) -> tuple[Rows, list[
     entries = sum(int(r["entries"]) for r in rows if r["kind"] == "total")
     info = next((r for r in rows if r["kind"] == "info"), {})
 
-    stats_reset = info.get("stats_reset")
-    # A full reset (pg_stat_statements_reset(), seen in pg_stat_statements_info since 1.9): everything in
-    # the view happened since then, so every current value is new work; start the bookkeeping afresh.
-    full_reset = stats_reset is not None and state.stats_reset is not None and stats_reset != state.stats_reset
+    stats_reset, started = info.get("stats_reset"), info.get("started")
     first = not state.tracked and not state.other
-    known = {} if full_reset else state.tracked
+    # Another server behind the DSN (failover) or a restart (the view survives a clean one, not a crash):
+    # its values do not continue ours. The remainder keeps its value for this run and counts from here.
+    rebase = not first and started is not None and state.started is not None and started != state.started
+    # A full reset (pg_stat_statements_reset(), seen in pg_stat_statements_info since 1.9) after our last
+    # run: everything in the view happened since, so every current value is new work. A reset time older
+    # than our last run (with the same start time) means we cannot tell what is new: rebase.
+    reset_seen = stats_reset is not None and state.stats_reset is not None and stats_reset != state.stats_reset
+    full_reset = bool(reset_seen and not rebase and stats_reset is not None and state.collected_at is not None
+                      and stats_reset >= state.collected_at)
+    rebase = rebase or (reset_seen and not full_reset)
+    fresh = first or rebase or full_reset  # no previous values to compare with
+    known = {} if fresh else state.tracked
     candidates = [r for r in singles.values() if r["rank"] is not None and int(r["rank"]) <= 2 * top_n]
-    chosen = select(candidates, top_n, set() if full_reset else state.selected,
-                    None if first or full_reset else set(known))
+    chosen = select(candidates, top_n, state.selected, None if fresh else set(known))
     selected_keys = {key_of(r) for r in chosen}
 
     # Work done since the last run by the entries that make up "other" now: the untracked population
@@ -244,10 +256,11 @@ def bookkeep(rows: Rows, state: StatementState, top_n: int) -> tuple[Rows, list[
             grown[db] = add(grown.get(db, ZERO), delta)
     other: dict[int, Vector] = {}
     for db, untracked in untracked_now.items():
-        if first:
-            # The exporter just started: the remainder counts from here (a drop to 0 after a restart is
-            # a counter reset Prometheus understands; starting at the absolute value is not, see notes).
-            other[db] = tuple(None if x is None else 0.0 for x in untracked)
+        if first or rebase:
+            # The remainder counts from here: from 0 when the exporter starts (a drop to 0 after an exporter
+            # restart is a counter reset Prometheus understands; starting at the absolute value is not).
+            zero = tuple(None if x is None else 0.0 for x in untracked)
+            other[db] = state.other.get(db, zero) if rebase else zero
             continue
         before = None if full_reset else state.untracked.get(db)
         # Entries evicted since the last run take their totals with them: the difference of sums can
@@ -264,7 +277,7 @@ def bookkeep(rows: Rows, state: StatementState, top_n: int) -> tuple[Rows, list[
         if key[0] in totals:
             untracked_next[key[0]] = subtract(untracked_next[key[0]], values_of[key])
     state.tracked, state.selected, state.untracked, state.other = tracked_next, selected_keys, untracked_next, other
-    state.stats_reset = stats_reset
+    state.stats_reset, state.started, state.collected_at = stats_reset, started, info.get("collected_at")
 
     out: Rows = []
     for row in chosen:
@@ -382,8 +395,10 @@ STATEMENTS = Collector(
         "those statements did between runs, so `increase()` of the top plus `other` equals the increase of "
         "the database's total, and it never goes backwards when statements enter or leave the top N or "
         "when statistics are reset (a reset shows as a drop only in the shown statements' own series, which "
-        "Prometheus treats as the counter reset it is). Entries evicted between two runs (see "
-        "pg_stat_statements_dealloc_total) take their work since the previous run with them. Read without "
+        "Prometheus treats as the counter reset it is). After a server restart or failover (another "
+        "pg_postmaster_start_time) the remainder does not count that run's work rather than invent it. Entries "
+        "evicted between two runs (see pg_stat_statements_dealloc_total) take their work since the previous "
+        "run with them. Read without "
         "query text; texts are read only with query_text on, only for the shown statements and only when "
         "that set changes; string literals are masked."
     ),
