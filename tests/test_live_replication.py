@@ -139,7 +139,7 @@ def test_paused_replay_gap_grows_then_closes(primary: Server, standby: Standby, 
         assert gap >= written
         assert metrics.value("pg_replication_replay_paused") == 1
         assert metrics.value("pg_replication_wal_receiver_streaming") == 1
-        assert metrics.value("pg_replication_wal_receiver_status", receiver_status="streaming") == 1
+        assert metrics.value("pg_replication_wal_receiver_status", status="streaming") == 1
         lag = metrics.value("pg_replication_lag_seconds")
         # Nothing written after the pause is replayed: the data is at least this old.
         assert lag is not None and lag >= collected_at - paused_at - 0.05
@@ -197,9 +197,37 @@ def test_idle_primary_is_not_lag(primary: Server, standby: Standby, monitor: boo
     assert on_primary.collect().value("pg_stat_replication_replay_lag_bytes", **labels) == 0
 
 
+def test_lag_grows_when_the_primary_is_gone(monitor: bool, runners: list[Runner]) -> None:
+    """Received == replayed is not "no lag" when nothing is being received: the receiver must stream."""
+    lone = start_server("repl-lone", settings={"autovacuum": "off"})
+    try:
+        with standby_of(lone, slot="lone", name="repl-orphan") as orphan:
+            orphan.wait_caught_up()
+            runner = _runner(runners, orphan, monitor)
+            assert runner.collect().value("pg_replication_lag_seconds") == 0
+            stopped_at = time.time()
+            lone.cluster.stop()
+            wait_until(lambda: _scalar(orphan, "SELECT count(*) FROM pg_stat_wal_receiver "
+                                               "WHERE status = 'streaming'") == 0, timeout=30)
+            time.sleep(1.0)
+            collected_at = time.time()
+            metrics = runner.collect()
+            assert metrics.value("pg_replication_wal_receiver_streaming") == 0
+            assert _scalar(orphan, STANDBY_GAP) == 0  # everything received is replayed, and still:
+            lag = metrics.value("pg_replication_lag_seconds")
+            assert lag is not None and lag >= collected_at - stopped_at - 0.05
+    finally:
+        lone.cluster.destroy()
+
+
 def test_standby_runs_standby_collectors_and_skips_primary_ones(primary: Server, standby: Standby, monitor: bool,
                                                                 runners: list[Runner]) -> None:
-    metrics = _runner(runners, standby, monitor).collect()
+    replayed = "SELECT pg_wal_lsn_diff(pg_last_wal_replay_lsn(), '0/0') AS p"
+    low = _scalar(standby, replayed)
+    metrics = _runner(runners, standby, monitor, [*REPLICATION_COLLECTORS, "pg_wal"]).collect()
+    high = _scalar(standby, replayed)
+    position = metrics.value("pg_wal_position_bytes")  # on a standby: the replayed position
+    assert position is not None and low <= position <= high
     assert metrics.value("pg_replication_is_replica") == 1
     assert metrics.value("pgvitals_collector_skipped", collector="pg_stat_replication", reason="role") == 1
     assert metrics.value("pgvitals_collector_success", collector="pg_replication_standby") == 1
