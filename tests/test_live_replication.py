@@ -432,10 +432,15 @@ def test_standby_fixture_is_a_real_streaming_copy(primary: Server, standby: Stan
     row = primary.execute("SELECT s.active, r.state FROM pg_replication_slots s "
                           "JOIN pg_stat_replication r ON r.pid = s.active_pid WHERE s.slot_name = 'repl_s1'")
     assert row == [{"active": True, "state": "streaming"}]
-    # A second standby on the same primary, without a slot, works side by side.
-    second = start_standby(primary, slot=None, name="repl-second", application_name="second")
+    # A second standby on the same primary, without a slot, works side by side. It connects under
+    # the same name from the same address: one series with senders = 2, never duplicate series.
+    second = start_standby(primary, slot=None, name="repl-second", application_name=standby.application_name)
+    runner = Runner(primary, ["pg_stat_replication"])
     try:
         second.wait_caught_up()
         assert second.execute("SELECT sum(v) AS s FROM fixture_probe")[0]["s"] >= 42
+        labels = {**_standby_labels(standby), "state": "streaming"}
+        wait_until(lambda: runner.collect().value("pg_stat_replication_senders", **labels) == 2, timeout=30)
     finally:
+        runner.close()
         second.destroy()
