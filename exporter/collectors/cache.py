@@ -17,24 +17,33 @@ TOP_N = Param(
     "are summed into one `relname=\"other\"` series per database.",
 )
 
-# An incumbent keeps its place until a newcomer is this much larger, so that relations of
-# similar size do not swap in and out of the top at every VACUUM (each swap breaks two counters).
-STICKINESS = 1.25
+# An incumbent keeps its place until a newcomer is STICKY_NUM/STICKY_DEN (1.25x) larger, so that relations
+# of similar size do not swap in and out of the top at every VACUUM (each swap breaks two counters).
+# Integers: the sort key stays a bigint.
+STICKY_NUM, STICKY_DEN = 5, 4
+STICKINESS = STICKY_NUM / STICKY_DEN
+
+
+def _rank(oid: str, pages: str) -> str:
+    """row_number() by size, incumbents (oids in %(incumbents)s) weighted up, ties broken stably."""
+    incumbent = f"{oid}::bigint = ANY(%(incumbents)s::bigint[])"
+    return (f"pg_catalog.row_number() OVER (ORDER BY ({pages}) * CASE WHEN {incumbent} THEN {STICKY_NUM} "
+            f"ELSE {STICKY_DEN} END DESC, {incumbent} DESC, {oid})")
+
 
 # Size comes from pg_class.relpages (heap + TOAST + indexes), maintained by VACUUM/ANALYZE: reading it
 # takes no relation lock, so this never queues behind DDL. Ranking and remainder are one pass.
 # The counters are those of pg_statio_user_tables (same functions, relkinds and schema filter), computed
-# here so that every index is visited once, for its size and its counters together. The view on 12
-# also multiplies the TOAST index counters by the number of the table's indexes; this does not.
+# here so that each index is visited once for its size and its counters. The view on 12 also multiplies
+# the TOAST index counters by the number of the table's indexes (one GROUP BY over both joins); this
+# does not.
+_INDEX_BLOCKS = """
+    sum(pg_catalog.pg_stat_get_blocks_fetched(x.indexrelid)
+        - pg_catalog.pg_stat_get_blocks_hit(x.indexrelid))::bigint AS blks_read,
+    sum(pg_catalog.pg_stat_get_blocks_hit(x.indexrelid))::bigint AS blks_hit"""
+
 _TABLES_SQL = f"""
-WITH idx AS MATERIALIZED (
-  SELECT x.indrelid, sum(ic.relpages)::bigint AS pages,
-         sum(pg_catalog.pg_stat_get_blocks_fetched(x.indexrelid)
-             - pg_catalog.pg_stat_get_blocks_hit(x.indexrelid))::bigint AS blks_read,
-         sum(pg_catalog.pg_stat_get_blocks_hit(x.indexrelid))::bigint AS blks_hit
-  FROM pg_catalog.pg_index x JOIN pg_catalog.pg_class ic ON ic.oid = x.indexrelid
-  GROUP BY x.indrelid
-), ranked AS MATERIALIZED (
+WITH ranked AS MATERIALIZED (
   SELECT c.oid AS relid, n.nspname AS schemaname, c.relname,
          pg_catalog.pg_stat_get_blocks_fetched(c.oid) - pg_catalog.pg_stat_get_blocks_hit(c.oid) AS heap_blks_read,
          pg_catalog.pg_stat_get_blocks_hit(c.oid) AS heap_blks_hit,
@@ -42,15 +51,16 @@ WITH idx AS MATERIALIZED (
          pg_catalog.pg_stat_get_blocks_fetched(t.oid) - pg_catalog.pg_stat_get_blocks_hit(t.oid) AS toast_blks_read,
          pg_catalog.pg_stat_get_blocks_hit(t.oid) AS toast_blks_hit,
          ti.blks_read AS tidx_blks_read, ti.blks_hit AS tidx_blks_hit,
-         pg_catalog.row_number() OVER (ORDER BY
-           (c.relpages::bigint + COALESCE(t.relpages, 0) + COALESCE(i.pages, 0))
-             * CASE WHEN c.oid::bigint = ANY(%(incumbents)s::bigint[]) THEN {STICKINESS} ELSE 1 END DESC,
-           c.oid::bigint = ANY(%(incumbents)s::bigint[]) DESC, c.oid) AS rank
+         {_rank("c.oid", "c.relpages::bigint + COALESCE(t.relpages, 0) + COALESCE(i.pages, 0)")} AS rank
   FROM pg_catalog.pg_class c
   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
   LEFT JOIN pg_catalog.pg_class t ON t.oid = c.reltoastrelid
-  LEFT JOIN idx i ON i.indrelid = c.oid
-  LEFT JOIN idx ti ON ti.indrelid = t.oid
+  LEFT JOIN LATERAL (
+    SELECT sum(ic.relpages)::bigint AS pages, {_INDEX_BLOCKS}
+    FROM pg_catalog.pg_index x JOIN pg_catalog.pg_class ic ON ic.oid = x.indexrelid
+    WHERE x.indrelid = c.oid) i ON true
+  LEFT JOIN LATERAL (
+    SELECT {_INDEX_BLOCKS} FROM pg_catalog.pg_index x WHERE x.indrelid = t.oid) ti ON true
   WHERE c.relkind IN ('r', 't', 'm')
     AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname !~ '^pg_toast'
 )
@@ -67,10 +77,7 @@ FROM ranked WHERE rank > %(top_n)s"""
 _INDEXES_SQL = f"""
 WITH ranked AS MATERIALIZED (
   SELECT s.indexrelid, s.schemaname, s.relname, s.indexrelname, s.idx_blks_read, s.idx_blks_hit,
-         pg_catalog.row_number() OVER (ORDER BY
-           c.relpages::bigint
-             * CASE WHEN s.indexrelid::bigint = ANY(%(incumbents)s::bigint[]) THEN {STICKINESS} ELSE 1 END DESC,
-           s.indexrelid::bigint = ANY(%(incumbents)s::bigint[]) DESC, s.indexrelid) AS rank
+         {_rank("s.indexrelid", "c.relpages::bigint")} AS rank
   FROM pg_catalog.pg_statio_user_indexes s
   JOIN pg_catalog.pg_class c ON c.oid = s.indexrelid
 )
