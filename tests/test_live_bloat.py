@@ -48,6 +48,12 @@ def scenario_db(pg: Server) -> Iterator[str]:
     # Never analyzed (nothing to estimate from), and tiny.
     run(f"CREATE TABLE never_analyzed (id int, v text) {off}")
     run("INSERT INTO never_analyzed SELECT g, md5(g::text) FROM generate_series(1, 50000) g")
+    # Statistics older than the data: analyzed with wide rows, then shrunk and rewritten compactly.
+    run(f"CREATE TABLE stale (id int, body text) {off}")
+    run("INSERT INTO stale SELECT g, repeat('x', 200) FROM generate_series(1, 50000) g")
+    run("ANALYZE stale")
+    run("UPDATE stale SET body = 'x'")
+    run("VACUUM FULL stale")
     run(f"CREATE TABLE tiny (id int) {off}")
     run("INSERT INTO tiny VALUES (1), (2), (3)")
     run("ANALYZE tiny")
@@ -128,6 +134,9 @@ def test_estimate_leaves_out_what_it_cannot_estimate_and_counts_it(pg: Server, s
     metrics = _collect(pg, ESTIMATE, superuser=True)
     assert not metrics.find("pg_table_bloat_ratio", relname="never_analyzed")
     assert not metrics.find("pg_table_bloat_ratio", relname="tiny")
+    # The statistics promise rows six times wider than they are: far below zero is no estimate at all.
+    assert not metrics.find("pg_table_bloat_ratio", relname="stale")
+    assert _value(metrics, "pg_bloat_estimate_relations", kind="table", status="model_mismatch") >= 1
     assert _value(metrics, "pg_bloat_estimate_relations", kind="table", status="not_analyzed") >= 1
     assert _value(metrics, "pg_bloat_estimate_relations", kind="table", status="too_small") >= 1
     assert _value(metrics, "pg_bloat_estimate_relations", kind="table", status="estimated") >= 3

@@ -57,6 +57,11 @@ def test_dead_tuples_appear_after_deletes_and_go_after_vacuum(pg: Server, fresh_
     last = metrics.value("pg_stat_user_tables_last_vacuum_timestamp_seconds", relname="queue")
     assert last is not None and before - 1 <= last <= time.time() + 1
     assert metrics.value("pg_stat_user_tables_autovacuum_count_total", relname="queue") == 0
+    spent = metrics.value("pg_stat_user_tables_vacuum_time_seconds_total", relname="queue")
+    if pg.version_num >= 180000:
+        assert spent is not None and 0 <= spent < 60
+    else:
+        assert spent is None  # no such column before 18: no sample, not 0
 
 
 def test_largest_and_busiest_tables_plus_a_remainder(pg: Server, fresh_db: str) -> None:
@@ -77,6 +82,8 @@ def test_largest_and_busiest_tables_plus_a_remainder(pg: Server, fresh_db: str) 
     assert exported == {"big1", "big2", "hot", "other"}
     assert metrics.value("pg_stat_user_tables_n_live_tup", relname="other", schemaname="") == 150
     assert metrics.value("pg_stat_user_tables_n_dead_tup", relname="hot") > 0  # type: ignore[operator]
+    inserted = metrics.value("pg_stat_user_tables_n_ins_since_vacuum", relname="other")
+    assert inserted == (150 if pg.version_num >= 130000 else None)  # the column exists from 13 on
     # Sizes only for the tables exported one by one.
     assert {labels["relname"] for labels, _ in metrics.find("pg_relation_size_bytes")} == {"big1", "big2", "hot"}
 

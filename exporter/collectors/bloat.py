@@ -25,8 +25,9 @@ TABLE = ("datname", "schemaname", "relname", "method")
 INDEX = ("datname", "schemaname", "relname", "indexrelname", "method")
 
 #: An estimate this far below zero (share of the relation's pages) means the model does not fit the
-#: relation (deduplicated btree posting lists, stale statistics): it is reported as "model_mismatch"
-#: instead of as a number. Smaller negative figures are noise around zero and read as 0.
+#: relation (statistics older than the data, more btree deduplication than n_distinct suggests): it is
+#: reported as "model_mismatch" instead of as a number. Smaller negative figures are noise around zero
+#: and read as 0.
 MISMATCH_BELOW = -0.2
 
 # -- shared with the vacuum collectors ------------------------------------------------------------
@@ -172,20 +173,22 @@ WITH const AS (
   FROM cols c WINDOW w AS (PARTITION BY c.oid ORDER BY c.attnum ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
 ), pass2 AS (
   SELECT p.*, COALESCE(sum(p.width + p.present * pg_catalog.mod(
-           (p.align - pg_catalog.mod(ceil(p.offset1)::int, p.align)), p.align)) OVER w, 0) AS offset2
+           (p.align - pg_catalog.mod(ceil(p.offset1)::int, p.align)), p.align)) OVER w, 0) AS offset2,
+         -- the last column always present at a fixed, 8-aligned size: it fixes the tuple's length modulo 8
+         max(p.attnum) FILTER (WHERE p.align = 8 AND NOT p.variable) OVER (PARTITION BY p.oid) AS last_fixed8
   FROM pass1 p WINDOW w AS (PARTITION BY p.oid ORDER BY p.attnum ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
 ), tuples AS (
   SELECT p.oid, count(*) AS ncols, count(p.avg_width) AS nstats,
          sum(p.width + p.present * pg_catalog.mod(
            (p.align - pg_catalog.mod(ceil(p.offset2)::int, p.align)), p.align)) AS data_width,
          COALESCE(bool_or(p.null_frac > 0), false) AS has_nulls,
-         COALESCE(bool_or(p.variable), false) AS variable,
+         COALESCE(bool_or(p.variable AND p.attnum > COALESCE(p.last_fixed8, 0)), false) AS variable,
          exp(sum(ln(GREATEST(p.key_distinct, 1)))) AS key_distinct
   FROM pass2 p GROUP BY p.oid
 ), sized AS (
   SELECT r.*, COALESCE(t.ncols, 0) AS ncols, COALESCE(t.nstats, 0) AS nstats, t.key_distinct,
          -- the tuple's header (aligned) and data; MAXALIGN of a fixed size, plus 3.5 bytes on average
-         -- when the size varies from row to row
+         -- when the length after the last fixed 8-aligned column varies from row to row
          (CASE WHEN r.kind = 'table'
                THEN 8 * ceil((23 + CASE WHEN t.has_nulls THEN ceil(r.relnatts / 8) ELSE 0 END) / 8)
                ELSE CASE WHEN t.has_nulls THEN 16 ELSE 8 END END
@@ -315,9 +318,9 @@ ESTIMATE = Collector(
               "Estimated share of the btree index's size that is bloat, 0 to 1 (method=\"estimate\").",
               "index_bloat_ratio", INDEX, unit="ratio"),
         gauge("pg_bloat_estimate_relations",
-              "Relations by whether the estimate could be made: estimated, too_small, not_analyzed, "
-              "no_privilege (pg_stats hides the columns from this role), model_mismatch (e.g. deduplicated "
-              "btree), unsupported (not a valid btree index).",
+              "Relations by whether the estimate could be made: estimated, too_small, not_analyzed (never "
+              "analyzed nor vacuumed), no_privilege (pg_stats hides the columns from this role), model_mismatch "
+              "(far below zero: statistics older than the data), unsupported (not a valid btree index).",
               "relations", ("datname", "kind", "status")),
     ),
     notes=(
@@ -325,8 +328,10 @@ ESTIMATE = Collector(
         "would take freshly packed at the fillfactor, from pg_stats average widths and null fractions. "
         "Figures are as recent as the last VACUUM/ANALYZE of each relation. A role with only pg_monitor sees "
         "no pg_stats rows for tables it cannot SELECT: those count as `no_privilege` (grant SELECT, or rely "
-        "on `pg_bloat_measured`). Deduplicated btree indexes (13+) can be smaller than the model expects: "
-        "an estimate below -20% is reported as `model_mismatch`, one between -20% and 0 as 0."
+        "on `pg_bloat_measured`). Btree deduplication (13+: non-unique indexes whose operator classes allow "
+        "it) is modelled from n_distinct. An estimate below -20% is reported as `model_mismatch`, one between "
+        "-20% and 0 as 0. The `top_n` most bloated tables and indexes are exported one by one, the rest "
+        "summed in `relname=\"other\"` (schemaname=\"\")."
     ),
 )
 
@@ -533,9 +538,9 @@ MEASURED = Collector(
         gauge("pg_index_bloat_measured_ratio", "Measured share of the btree index's size that is bloat, 0 to 1.",
               "index_bloat_ratio", INDEX, unit="ratio"),
         gauge("pg_bloat_measured_skipped_relations",
-              "Relations chosen for measurement but not measured in the last run, by reason: lock_conflict "
-              "(ACCESS EXCLUSIVE lock held or requested), lock_timeout, timeout, too_large, budget (run time "
-              "used up), permission, missing_object (dropped meanwhile).",
+              "Relations not measured in the last run, by reason: lock_conflict (ACCESS EXCLUSIVE lock held or "
+              "requested), lock_timeout, timeout, budget (run time used up), permission, missing_object (dropped "
+              "meanwhile), too_large (would read more than max_scan_bytes; never chosen).",
               "skipped", ("datname", "kind", "reason")),
     ),
     notes=(

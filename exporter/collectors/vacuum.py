@@ -72,13 +72,21 @@ SELECT relid::bigint AS relid, schemaname, relname, n_live_tup, n_dead_tup, n_mo
        total_vacuum_time, total_autovacuum_time, total_analyze_time, total_autoanalyze_time
 FROM ranked WHERE top
 UNION ALL
-SELECT NULL, '', 'other', COALESCE(sum(n_live_tup), 0)::bigint, COALESCE(sum(n_dead_tup), 0)::bigint,
-       COALESCE(sum(n_mod_since_analyze), 0)::bigint, sum(n_ins_since_vacuum)::bigint,
+SELECT NULL, '', 'other', COALESCE(sum(n_live_tup) FILTER (WHERE NOT top), 0)::bigint,
+       COALESCE(sum(n_dead_tup) FILTER (WHERE NOT top), 0)::bigint,
+       COALESCE(sum(n_mod_since_analyze) FILTER (WHERE NOT top), 0)::bigint,
+       -- 0 when no table is left over, NULL (no sample) when this server has no such column
+       COALESCE(sum(n_ins_since_vacuum) FILTER (WHERE NOT top), 0 * max(n_ins_since_vacuum))::bigint,
        NULL, NULL, NULL, NULL,
-       COALESCE(sum(vacuum_count), 0)::bigint, COALESCE(sum(autovacuum_count), 0)::bigint,
-       COALESCE(sum(analyze_count), 0)::bigint, COALESCE(sum(autoanalyze_count), 0)::bigint,
-       sum(total_vacuum_time), sum(total_autovacuum_time), sum(total_analyze_time), sum(total_autoanalyze_time)
-FROM ranked WHERE NOT top"""
+       COALESCE(sum(vacuum_count) FILTER (WHERE NOT top), 0)::bigint,
+       COALESCE(sum(autovacuum_count) FILTER (WHERE NOT top), 0)::bigint,
+       COALESCE(sum(analyze_count) FILTER (WHERE NOT top), 0)::bigint,
+       COALESCE(sum(autoanalyze_count) FILTER (WHERE NOT top), 0)::bigint,
+       COALESCE(sum(total_vacuum_time) FILTER (WHERE NOT top), 0 * max(total_vacuum_time)),
+       COALESCE(sum(total_autovacuum_time) FILTER (WHERE NOT top), 0 * max(total_autovacuum_time)),
+       COALESCE(sum(total_analyze_time) FILTER (WHERE NOT top), 0 * max(total_analyze_time)),
+       COALESCE(sum(total_autoanalyze_time) FILTER (WHERE NOT top), 0 * max(total_autoanalyze_time))
+FROM ranked"""
 
 
 # Tables (of those chosen) with an ACCESS EXCLUSIVE lock held or requested on them, their TOAST table or
