@@ -190,6 +190,21 @@ def test_measured_by_monitor_role_agrees_with_pgstattuple(pg: Server, scenario_d
     assert len(one.find("pg_index_bloat_measured_bytes")) == 1
 
 
+def test_measured_prefers_what_the_estimate_cannot_cover(pg: Server, scenario_db: str) -> None:
+    largest, second = (r["relname"] for r in pg.execute(
+        "SELECT relname FROM pg_class WHERE relname IN ('half', 'fresh', 'churn', 'stale') "
+        "ORDER BY relpages DESC LIMIT 2", DB))
+    assert _value(_collect(pg, MEASURED, superuser=False, relations=1), "pg_table_bloat_measured_ratio",
+                  relname=largest) is not None  # without privileges: the largest
+    # Once the role may read the largest table, the estimate covers it: the measurement goes elsewhere.
+    pg.execute(f"GRANT SELECT ON {largest} TO {MONITOR_ROLE}", DB)
+    try:
+        metrics = _collect(pg, MEASURED, superuser=False, relations=1)
+    finally:
+        pg.execute(f"REVOKE SELECT ON {largest} FROM {MONITOR_ROLE}", DB)
+    assert [labels["relname"] for labels, _ in metrics.find("pg_table_bloat_measured_ratio")] == [second]
+
+
 class PendingExclusiveLock:
     """A reader holding a lock on ``table`` and, queued behind it, a session asking for ACCESS EXCLUSIVE."""
 
