@@ -199,9 +199,11 @@ def wait_for_metric(port: int, name: str, predicate: Callable[[float], bool] = l
     return result
 
 
-def collect_once(server: Server, collectors: list[str] | None = None, targets: list[dict[str, Any]] | None = None,
+def collect_once(server: Server, only: list[str] | None = None, targets: list[dict[str, Any]] | None = None,
                  **extra: Any) -> Metrics:
-    """Probe the target(s) and run the named collectors (default: all) once, synchronously; parse the result.
+    """Probe the target(s) and run the collectors named in ``only`` (default: all) once; parse the result.
+
+    ``extra`` are settings (e.g. ``collectors={"pg_locks": {"top_n": 5}}``).
 
     Deterministic alternative to a running daemon for scenario tests: no scheduler, no waiting.
     """
@@ -219,7 +221,7 @@ def collect_once(server: Server, collectors: list[str] | None = None, targets: l
             if not engine.probe(runtime):
                 continue
             for eff in engine.applicable(runtime):
-                if collectors is None or eff.collector.name in collectors:
+                if only is None or eff.collector.name in only:
                     engine.collect(runtime, eff)
         return Metrics(snapshot.render().decode())
     finally:
