@@ -22,6 +22,7 @@ from tests.variant_coverage import (
     failing_cells,
     never_exercised,
     render_table,
+    render_variants,
     sql_errors,
     variant_reports,
 )
@@ -175,3 +176,6 @@ def test_variant_coverage_lists_what_never_ran_and_sql_errors() -> None:
     assert "column x does not exist" in missing[0]
     errors = sql_errors(reports)
     assert len(errors) == 1 and "on 16: 2 failed run(s)" in errors[0]  # connection errors are not SQL errors
+    table = render_variants(reports, [12, 16], [collector])
+    assert "| probe_me | 0: [12, 16) | ✓ | · |" in table  # ran on 12; 16 runs the other variant
+    assert "| probe_me | 1: [16, ∞) | · | ✗ |" in table

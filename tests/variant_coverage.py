@@ -333,15 +333,32 @@ def sql_errors(reports: Mapping[VariantKey, VariantReport]) -> list[str]:
     return out
 
 
-def render_variants(reports: Mapping[VariantKey, VariantReport], majors: Sequence[int]) -> str:
-    """Markdown: each shipped variant and the majors where it ran (✓) or failed (✗)."""
+def applies(collector: Collector, index: int | None, major: int) -> bool:
+    """Whether the variant is the one a server of ``major`` (with any extension version it ships) would run."""
+    if collector.target_kind != "postgres" or index is None:
+        return True
+    variant = collector.variants[index]
+    if (major + 1) * 10000 <= collector.min_server_version:
+        return False
+    if collector.version_source == "server":
+        return variant.min_version < (major + 1) * 10000 and variant.max_version > major * 10000
+    if collector.version_source not in EXTENSION_VERSIONS:
+        return True
+    return any(variant.covers(v) for v in extension_versions(collector.version_source, major))
+
+
+def render_variants(reports: Mapping[VariantKey, VariantReport], majors: Sequence[int],
+                    catalog: Sequence[Collector]) -> str:
+    """Markdown: each shipped variant and, per major, ✓ ran, ✗ SQL error, blank did not run, · does not apply."""
+    by_name = {c.name: c for c in catalog}
     header = ["collector", "variant", *[str(m) for m in majors]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (name, index), report in sorted(reports.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
         marks = []
         for major in majors:
             bad = any(r in SQL_ERROR_REASONS for r in report.errors.get(major, {}))
-            marks.append("✗" if bad else "✓" if report.ok.get(major) else "")
+            ran = "✓" if report.ok.get(major) else "" if applies(by_name[name], index, major) else "·"
+            marks.append("✗" if bad else ran)
         label = report.described if index is None else f"{index}: {report.described}"
         lines.append(f"| {name} | {label} | " + " | ".join(marks) + " |")
     return "\n".join(lines)
