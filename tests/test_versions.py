@@ -23,6 +23,7 @@ from tests.variant_coverage import (
     never_exercised,
     render_table,
     render_variants,
+    skipped_tests,
     sql_errors,
     variant_reports,
 )
@@ -145,6 +146,7 @@ def test_cells_count_outcomes_per_family_and_major() -> None:
     assert "| locks | 1 passed, **1 failed**, 1 skipped | 1 passed |" in rendered
     assert "| slow_queries | — | — |" in rendered
     assert failing_cells(runs) == ["PostgreSQL 12 / locks: b: failed here"]
+    assert skipped_tests(runs) == ["`c` on 12: skipped here"]
 
 
 def test_run_status_no_tests_is_not_a_failure_but_crashes_and_timeouts_are() -> None:

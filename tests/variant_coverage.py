@@ -258,6 +258,18 @@ def failing_cells(runs: Sequence[MajorRun]) -> list[str]:
     return out
 
 
+def skipped_tests(runs: Sequence[MajorRun]) -> list[str]:
+    """Each skipped test with the majors it was skipped on and its reason, for a reviewer to judge."""
+    where: dict[str, list[int]] = defaultdict(list)
+    reason: dict[str, str] = {}
+    for run in runs:
+        for test in run.tests:
+            if test["outcome"] == "skipped":
+                where[test["nodeid"]].append(run.major)
+                reason.setdefault(test["nodeid"], str(test.get("message", "")).removeprefix("Skipped: ").strip())
+    return [f"`{nodeid}` on {', '.join(map(str, majors))}: {reason[nodeid]}" for nodeid, majors in where.items()]
+
+
 # -- variant coverage ------------------------------------------------------------------------------
 
 VariantKey = tuple[str, int | None]
