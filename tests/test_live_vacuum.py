@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -100,6 +101,37 @@ def test_sizes_skip_a_table_with_a_pending_exclusive_lock(pg: Server, fresh_db: 
     assert not metrics.find("pg_relation_size_bytes", relname="locked")
     size = pg.execute("SELECT pg_relation_size('free') AS s", fresh_db)[0]["s"]
     assert metrics.value("pg_relation_size_bytes", relname="free") == size
+
+
+def test_sizes_of_other_tables_survive_a_lock_the_check_cannot_see(pg: Server, fresh_db: str) -> None:
+    # A pending ACCESS EXCLUSIVE lock on a TOAST table's index (REINDEX) is not mapped to its table by the
+    # pg_locks check; pg_total_relation_size then gives up after lock_timeout, and the sizes are read
+    # again table by table, each in a savepoint: only that table's sizes go missing.
+    pg.execute("CREATE TABLE docs (id int, body text)", fresh_db)
+    pg.execute("CREATE TABLE plain AS SELECT g AS id FROM generate_series(1, 1000) g", fresh_db)
+    toast_table, toast_index = pg.execute(
+        "SELECT c.reltoastrelid::regclass::text AS t, i.indexrelid::regclass::text AS i FROM pg_class c "
+        "JOIN pg_index i ON i.indrelid = c.reltoastrelid WHERE c.relname = 'docs'", fresh_db)[0].values()
+    reader = psycopg.connect(pg.dsn(fresh_db, monitor=False))
+    reindex = psycopg.connect(pg.dsn(fresh_db, monitor=False), autocommit=True)
+    thread = threading.Thread(target=lambda: reindex.execute(f"REINDEX INDEX {toast_index}"), daemon=True)
+    try:
+        reader.execute(f"SELECT count(*) FROM {toast_table}")  # planning locks its index until rollback
+        thread.start()
+        wait_until(lambda: pg.execute(
+            "SELECT count(*) AS n FROM pg_locks WHERE NOT granted AND mode = 'AccessExclusiveLock' "
+            f"AND relation = '{toast_index}'::regclass", fresh_db)[0]["n"], timeout=10)
+        metrics = _tables(pg, fresh_db)
+    finally:
+        reader.rollback()
+        thread.join(timeout=10)
+        reader.close()
+        reindex.close()
+    assert metrics.value("pgvitals_collector_success", collector=TABLES) == 1
+    assert metrics.value("pg_stat_user_tables_n_live_tup", relname="docs") is not None
+    assert not metrics.find("pg_total_relation_size_bytes", relname="docs")
+    size = pg.execute("SELECT pg_total_relation_size('plain') AS s", fresh_db)[0]["s"]
+    assert metrics.value("pg_total_relation_size_bytes", relname="plain") == size
 
 
 def test_database_size(pg: Server, fresh_db: str) -> None:

@@ -115,6 +115,8 @@ def _sizes(session: Session, relids: list[int]) -> dict[int, dict[str, int]]:
     wanted = [r for r in relids if r not in locked]
     batch = try_in_savepoint(session, lambda: session.query(_SIZES_SQL, {"relids": wanted}))
     if isinstance(batch, CollectError):
+        if batch.reason != "lock_timeout":
+            return {}  # no sizes this run (the run's other series stand)
         # One relation's lock (taken by DDL after the pg_locks check) made the batch give up: go one by one.
         batch = []
         for relid in wanted:
