@@ -78,6 +78,7 @@ class Recorder:
         self.servers: dict[int, str] = {}
         self.started = time.time()
         self._undo: list[tuple[Any, str, Any]] = []
+        self.recorder_errors: list[str] = []
 
     # -- observing the engine ------------------------------------------------------------------
 
@@ -100,10 +101,10 @@ class Recorder:
             try:
                 result = original_run_one(engine, runtime, eff, dbname)
             except Exception as exc:
-                recorder.note(runtime, eff.collector, exc)
+                recorder.safe_note(runtime, eff.collector, exc)
                 raise
             if result[2] is None:  # a skip (extension missing, version) did not run any SQL
-                recorder.note(runtime, eff.collector, None)
+                recorder.safe_note(runtime, eff.collector, None)
             return result
 
         for owner, name, replacement in ((Collector, "variant_for", variant_for), (Engine, "_run_one", run_one)):
@@ -115,6 +116,13 @@ class Recorder:
         for owner, name, original in reversed(self._undo):
             setattr(owner, name, original)
         self._undo.clear()
+
+    def safe_note(self, runtime: Any, collector: Any, error: BaseException | None) -> None:
+        """Record a run; a bug in the recorder must never change what the engine does."""
+        try:
+            self.note(runtime, collector, error)
+        except Exception as exc:
+            self.recorder_errors.append(f"{type(exc).__name__}: {exc}"[:_MESSAGE_LIMIT])
 
     def note(self, runtime: Any, collector: Any, error: BaseException | None) -> None:
         """Record one run of ``collector`` (on the variant this thread's last variant_for chose)."""
@@ -197,12 +205,16 @@ class Recorder:
         from exporter.catalog import load
         from tests.pgbins import selected_major
 
-        catalog = [
-            {"collector": c.name, "family": c.family, "index": i if c.variants else None,
-             "min_version": v.min_version if v else None, "max_version": v.max_version if v else None,
-             "version_source": c.version_source, "target_kind": c.target_kind}
-            for c in load().collectors for i, v in (enumerate(c.variants) if c.variants else [(0, None)])
-        ]
+        try:
+            catalog = [
+                {"collector": c.name, "family": c.family, "index": i if c.variants else None,
+                 "min_version": v.min_version if v else None, "max_version": v.max_version if v else None,
+                 "version_source": c.version_source, "target_kind": c.target_kind}
+                for c in load().collectors for i, v in (enumerate(c.variants) if c.variants else [(0, None)])
+            ]
+        except Exception as exc:  # an invalid catalog fails its own tests; the results must still be written
+            catalog = []
+            self.recorder_errors.append(f"catalog: {exc}"[:_MESSAGE_LIMIT])
         document = {
             "schema": SCHEMA,
             "selected_major": selected_major(),
@@ -215,6 +227,7 @@ class Recorder:
             "tests": [vars(result) for result in self.tests.values()],
             "variants": [run.as_json() for run in self.variants.values()],
             "catalog": catalog,
+            "recorder_errors": self.recorder_errors[:20],
         }
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"results-{os.getpid()}.json"
