@@ -10,8 +10,10 @@ from exporter import __version__
 from exporter.catalog import Collector, MetricSpec, SqlVariant, load, validate
 from exporter.cli import _skip_detail, main
 from exporter.engine import Engine
+from exporter.localpg import LocalCluster, free_port, wait_until
 from exporter.snapshot import Snapshot
-from tests.conftest import Metrics, Server, collect_once, settings_for
+from tests.conftest import MONITOR_PASSWORD, MONITOR_ROLE, Metrics, Server, collect_once, settings_for
+from tests.pgbins import bindir_for, selected_major
 
 pytestmark = [pytest.mark.live, pytest.mark.family("skeleton")]
 
@@ -90,3 +92,64 @@ def test_an_extension_version_it_cannot_read_is_skipped_not_failed(
         assert rendered.value("ext_version_probe_value") is None
     finally:
         engine.close()
+
+
+def _engine(collector: Collector, dsn: str) -> tuple[Engine, Snapshot]:
+    catalog = validate([collector])
+    snapshot = Snapshot(catalog, __version__)
+    return Engine(catalog, settings_for([{"name": "main", "dsn": dsn}]), snapshot), snapshot
+
+
+def _collect_value(engine: Engine, snapshot: Snapshot, collector: Collector) -> float | None:
+    engine.collect(engine.targets["main"], engine.collectors[collector.name])
+    return Metrics(snapshot.render().decode()).value(f"{collector.name}_value")
+
+
+def test_an_extension_update_switches_the_variant_at_the_next_probe(pg: Server, fresh_db: str) -> None:
+    pg.execute("CREATE EXTENSION pg_stat_statements VERSION '1.4'", fresh_db)
+    collector = Collector(
+        name="ext_switch_probe", family="skeleton", help="Says which variant ran.",
+        extension="pg_stat_statements", version_source="pg_stat_statements",
+        variants=(SqlVariant("SELECT 1 AS v", 104, 105), SqlVariant("SELECT 2 AS v", 105)),
+        metrics=(MetricSpec("ext_switch_probe_value", "gauge", "Which variant ran.", value="v"),),
+    )
+    engine, snapshot = _engine(collector, pg.dsn(fresh_db))
+    try:
+        runtime = engine.targets["main"]
+        assert engine.probe(runtime)
+        assert _collect_value(engine, snapshot, collector) == 1
+        pg.execute("ALTER EXTENSION pg_stat_statements UPDATE", fresh_db)
+        assert engine.probe(runtime)
+        assert _collect_value(engine, snapshot, collector) == 2
+    finally:
+        engine.close()
+
+
+def test_another_major_behind_the_same_address_gets_its_variant(pg: Server) -> None:
+    """An upgrade (or a failover to another major): the probe sees the new version and the variant follows."""
+    first = selected_major() or pg.cluster.major
+    second = 15 if first != 15 else 16
+    port = free_port()
+    clusters = [LocalCluster(bindir=bindir_for(major), port=port, name=f"pg{major}") for major in (first, second)]
+    boundary = max(first, second) * 10000
+    collector = Collector(
+        name="major_switch_probe", family="skeleton", help="Says which variant ran.",
+        variants=(SqlVariant("SELECT 1 AS v", 120000, boundary), SqlVariant("SELECT 2 AS v", boundary)),
+        metrics=(MetricSpec("major_switch_probe_value", "gauge", "Which variant ran.", value="v"),),
+    )
+    engine, snapshot = _engine(collector, clusters[0].dsn(MONITOR_ROLE, MONITOR_PASSWORD))
+    try:
+        runtime = engine.targets["main"]
+        values = []
+        for cluster in clusters:
+            cluster.init().start()
+            cluster.create_monitor_role(MONITOR_ROLE, MONITOR_PASSWORD)
+            wait_until(lambda: engine.probe(runtime), timeout=30, interval=0.2)
+            assert runtime.facts is not None and runtime.facts.major == cluster.major
+            values.append(_collect_value(engine, snapshot, collector))
+            cluster.stop()
+        assert values == [1 if first < second else 2, 2 if first < second else 1]
+    finally:
+        engine.close()
+        for cluster in clusters:
+            cluster.destroy()
