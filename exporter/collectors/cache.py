@@ -113,8 +113,8 @@ STATIO_TABLES = Collector(
     help="Shared-buffer hits and reads per user table (heap, its indexes, TOAST), for the largest tables "
          "plus a remainder, from pg_statio_user_tables.",
     scope="database",
-    interval=60.0,
-    timeout=10.0,
+    interval=300.0,
+    timeout=30.0,
     params=(TOP_N,),
     variants=(SqlVariant(sql=_TABLES_SQL, min_version=120000),),
     fetch=fetch_top,
@@ -154,8 +154,8 @@ STATIO_INDEXES = Collector(
     help="Shared-buffer hits and reads per user index, for the largest indexes plus a remainder, from "
          "pg_statio_user_indexes.",
     scope="database",
-    interval=60.0,
-    timeout=10.0,
+    interval=300.0,
+    timeout=30.0,
     params=(TOP_N,),
     variants=(SqlVariant(sql=_INDEXES_SQL, min_version=120000),),
     fetch=fetch_top,

@@ -154,8 +154,8 @@ STAT_USER_TABLES = Collector(
     help="Dead and live tuples, vacuum and analyze history, and sizes of the largest and busiest user tables, from "
          "pg_stat_user_tables.",
     scope="database",
-    interval=60.0,
-    timeout=15.0,
+    interval=300.0,
+    timeout=60.0,
     params=(TOP_N, TOP_N_CHURN),
     variants=(
         SqlVariant(min_version=120000, max_version=130000,
@@ -298,8 +298,8 @@ TABLE_WRAPAROUND = Collector(
     help="The oldest tables by transaction ID and multixact ID age in each database (pg_class.relfrozenxid, "
          "relminmxid; TOAST counted with its table).",
     scope="database",
-    interval=60.0,
-    timeout=10.0,
+    interval=300.0,
+    timeout=30.0,
     params=(WRAPAROUND_TOP_N,),
     variants=(SqlVariant(sql=_TABLE_AGES_SQL, min_version=120000),),
     metrics=(
