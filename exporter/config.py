@@ -85,16 +85,18 @@ def _check_dsn(value: str) -> str:
     return value
 
 
-RESERVED_TARGET_LABELS = frozenset(
-    {"target", "datname", "collector", "reason", "usename", "application_name", "state", "pool", "database"}
-)
+def reserved_label_names() -> frozenset[str]:
+    """Label names pgvitals sets itself: ``target`` and every label of every metric in the catalog."""
+    from exporter import catalog
+
+    return frozenset({"target"} | {label for spec in catalog.load().metrics() for label in spec.labels})
 
 
 def _check_labels(value: dict[str, str]) -> dict[str, str]:
     for key in value:
         if not re.match(r"^[a-z_][a-z0-9_]*$", key) or key.startswith("__"):
             raise ValueError(f"label name {key!r} is not a valid Prometheus label name")
-        if key in RESERVED_TARGET_LABELS:
+        if key in reserved_label_names():
             raise ValueError(f"label name {key!r} is set by pgvitals itself")
     return value
 
@@ -126,10 +128,16 @@ class PgBouncerConfig(_Strict):
     labels: ConstLabels = Field(default_factory=dict)
 
 
+def _not_unmatched(value: str) -> str:
+    if value == "unmatched":
+        raise ValueError("'unmatched' is reserved for sessions that match no pool")
+    return value
+
+
 class PoolConfig(_Strict):
     """An application's connection pool, recognized by its sessions, with its capacity."""
 
-    name: Name
+    name: Annotated[Name, AfterValidator(_not_unmatched)]
     capacity: int = Field(ge=1)
     application_name: str | None = None  # glob
     usename: str | None = None  # glob
