@@ -160,7 +160,7 @@ class CollectorOverride(BaseModel):
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    enabled: bool = True
+    enabled: bool | None = None  # None: the collector's default (tuning a disabled one does not enable it)
     interval: Duration | None = None
     timeout: Duration | None = None
 

@@ -53,7 +53,7 @@ def effective_collectors(catalog: Catalog, settings: Settings) -> list[Effective
         params = collector.param_defaults()
         enabled, interval, timeout = collector.enabled, collector.interval, collector.timeout
         if override is not None:
-            enabled = override.enabled
+            enabled = enabled if override.enabled is None else override.enabled
             interval = override.interval or interval
             timeout = override.timeout or timeout
             params.update(override.model_extra or {})

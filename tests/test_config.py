@@ -130,3 +130,21 @@ def test_durations() -> None:
     for bad in ("fast", True, "-1s", 0):
         with pytest.raises(ValueError):
             parse_duration(bad)
+
+
+def test_tuning_a_collector_keeps_its_default_switch() -> None:
+    """An interval for a disabled-by-default collector does not enable it; `enabled` says so explicitly."""
+    from exporter.catalog import load
+    from exporter.engine import effective_collectors
+
+    disabled = next(c.name for c in load().collectors if not c.enabled)
+    enabled = next(c.name for c in load().collectors if c.enabled)
+    settings = load_settings(raw={"targets": [{"name": "a", "dsn": "postgresql://x@h/db"}], "collectors": {
+        disabled: {"interval": "60s"}, enabled: {"interval": "60s"}}}, environ={})
+    effective = {e.collector.name: e for e in effective_collectors(load(), settings)}
+    assert not effective[disabled].enabled and effective[disabled].interval == 60
+    assert effective[enabled].enabled
+    switched = load_settings(raw={"targets": [{"name": "a", "dsn": "postgresql://x@h/db"}], "collectors": {
+        disabled: {"enabled": True}, enabled: {"enabled": False}}}, environ={})
+    effective = {e.collector.name: e for e in effective_collectors(load(), switched)}
+    assert effective[disabled].enabled and not effective[enabled].enabled
