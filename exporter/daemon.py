@@ -6,9 +6,12 @@ import logging
 import random
 import signal
 import threading
+from contextlib import suppress
 from datetime import datetime, timedelta
 
 from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.jobstores.base import JobLookupError
+from apscheduler.schedulers import SchedulerNotRunningError
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from exporter import __version__, catalog
@@ -47,9 +50,11 @@ class Daemon:
     def _schedule(self) -> None:
         now = datetime.now().astimezone()
         for runtime in self.engine.targets.values():
+            # An interval job (not a chain of one-shot jobs): APScheduler removes a finished one-shot
+            # job by id, which could race with the next one being added under the same id.
             self.scheduler.add_job(
-                self._probe, "date", run_date=now, args=(runtime,), id=f"probe:{runtime.name}",
-                misfire_grace_time=None,
+                self._probe, "interval", seconds=self.settings.probe_interval, args=(runtime,),
+                id=f"probe:{runtime.name}", next_run_time=now, misfire_grace_time=None,
             )
             for eff in self.engine.applicable(runtime):
                 # First run is triggered when the probe sees the target up; until then far in the future.
@@ -63,20 +68,21 @@ class Daemon:
         try:
             self.engine.probe(runtime)
         finally:
-            if not self._stopped.is_set():
+            if not runtime.up and not self._stopped.is_set():
+                # Down: retry on the backoff schedule instead of the probe interval.
                 delay = self.engine.backoff(runtime)
-                self.scheduler.add_job(
-                    self._probe, "date", run_date=datetime.now().astimezone() + timedelta(seconds=delay),
-                    args=(runtime,), id=f"probe:{runtime.name}", replace_existing=True, misfire_grace_time=None,
-                )
+                with suppress(JobLookupError, SchedulerNotRunningError):  # the daemon is stopping
+                    self.scheduler.modify_job(
+                        f"probe:{runtime.name}", next_run_time=datetime.now().astimezone() + timedelta(seconds=delay)
+                    )
 
     def _target_up(self, runtime: TargetRuntime) -> None:
         """A target came up (first time or after an outage): collect everything soon, spread over a second."""
         now = datetime.now().astimezone()
         for eff in self.engine.applicable(runtime):
-            job = self.scheduler.get_job(self._collector_job_id(runtime, eff))
-            if job is not None:
-                job.modify(next_run_time=now + timedelta(seconds=random.uniform(0, 1.0)))
+            with suppress(JobLookupError, SchedulerNotRunningError):  # the daemon is stopping
+                self.scheduler.modify_job(self._collector_job_id(runtime, eff),
+                                          next_run_time=now + timedelta(seconds=random.uniform(0, 1.0)))
 
     # -- readiness -----------------------------------------------------------------------------
 
