@@ -56,8 +56,8 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _run_as() -> str | None:
-    """The OS user to run the server as: PostgreSQL refuses to run as root."""
+def server_os_user() -> str | None:
+    """The OS user to run servers as (None: ourselves); PostgreSQL and PgBouncer refuse to run as root."""
     if os.geteuid() != 0:
         return None
     try:
@@ -78,7 +78,7 @@ class LocalCluster:
         self.socket_dir = self.base / "run"
         self.log_file = self.base / "server.log"
         self.port = port or free_port()
-        self.os_user = _run_as()
+        self.os_user = server_os_user()
         self.extra_settings = dict(settings or {})
         self.version_num = 0
 

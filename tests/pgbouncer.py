@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import os
-import pwd
 import re
 import shutil
 import signal
@@ -43,7 +42,7 @@ from urllib.parse import quote
 import psycopg
 from psycopg.rows import dict_row
 
-from exporter.localpg import free_port
+from exporter.localpg import free_port, server_os_user
 
 PGBOUNCER_BIN = Path(os.environ.get("PGVITALS_PGBOUNCER", "/usr/sbin/pgbouncer"))
 APP_USER = "pgb_app"
@@ -177,17 +176,6 @@ class PgBouncer:
         shutil.rmtree(self.base, ignore_errors=True)
 
 
-def _os_user() -> str | None:
-    """PgBouncer refuses to run as root: run it as the postgres OS user then."""
-    if os.geteuid() != 0:
-        return None
-    try:
-        pwd.getpwnam("postgres")
-    except KeyError:
-        raise PgBouncerError("running as root needs an OS user 'postgres' to run pgbouncer as") from None
-    return "postgres"
-
-
 def _quote_auth(value: str) -> str:
     return '"' + value.replace('"', '""') + '"'
 
@@ -226,7 +214,7 @@ def start_pgbouncer(
     users = dict(users or {APP_USER: APP_PASSWORD})
     for name, password in users.items():
         ensure_role(server, name, password)
-    os_user = _os_user()
+    os_user = server_os_user()
     base = Path(tempfile.mkdtemp(prefix="pgvitals-pgbouncer-"))
     server_port = int(server.cluster.port)
     port = free_port()
