@@ -155,8 +155,10 @@ def _self_metric(name: str, kind: MetricKind, help_: str, labels: tuple[str, ...
 
 #: Metrics the engine itself yields about targets and collectors.
 SELF_METRICS: tuple[MetricSpec, ...] = (
-    _self_metric("pg_up", "gauge", "1 when the last connection attempt to the PostgreSQL target succeeded.", ()),
-    _self_metric("pgbouncer_up", "gauge", "1 when the last connection to the PgBouncer admin console succeeded.", ()),
+    _self_metric("pg_up", "gauge", "1 when the last connection attempt to the PostgreSQL target succeeded, "
+                 "0 when it failed; absent before the first.", ()),
+    _self_metric("pgbouncer_up", "gauge", "1 when the last connection to the PgBouncer admin console succeeded, "
+                 "0 when it failed; absent before the first.", ()),
     _self_metric(
         "pgvitals_collector_success",
         "gauge",

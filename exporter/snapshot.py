@@ -51,7 +51,7 @@ class Snapshot:
         self._self_order = tuple(catalog.self_metrics)
 
     def add_target(self, name: str, prefix: str, is_pgbouncer: bool = False) -> None:
-        """Register a target so that it shows up (as not yet up) before its first probe."""
+        """Register a target; its up series appears with the first probe."""
         with self._lock:
             self._targets[name] = TargetStatus(prefix=prefix, is_pgbouncer=is_pgbouncer)
 
@@ -121,7 +121,8 @@ class Snapshot:
         # (list() of a dict view is taken without releasing the GIL).
         for target in list(self._targets.values()):
             prefix = target.prefix
-            add("pgbouncer_up" if target.is_pgbouncer else "pg_up", prefix, "", 1 if target.up else 0)
+            if target.up is not None:  # before the first probe we know nothing: no series rather than a false 0
+                add("pgbouncer_up" if target.is_pgbouncer else "pg_up", prefix, "", 1 if target.up else 0)
             for name, status in list(target.collectors.items()):
                 coll = label_text([("collector", name)])
                 if status.skipped:

@@ -43,6 +43,8 @@ def test_families_stay_together_across_targets() -> None:
                           metrics=(SPEC, COUNT))
     catalog = validate([collector])
     snapshot = Snapshot(catalog, __version__)
+    snapshot.add_target("a", 'target="a"')
+    assert Metrics(snapshot.render().decode()).value("pg_up", target="a") is None  # not probed: unknown, not 0
     for target in ("a", "b"):
         snapshot.add_target(target, f'target="{target}"')
         chunks, _, _ = render_rows([SPEC, COUNT], [{"name": "n", "v": 1, "c": 2}], f'target="{target}"', 10)
