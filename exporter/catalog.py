@@ -108,6 +108,9 @@ class Collector:
     transform: TransformHook | None = None
     max_series: int = 20000  # hard safety bound per run; top-N collectors stay far below it
     enabled: bool = True
+    # The only exception to read-only: a write transaction that commits (heartbeat). Such a collector
+    # must be off by default and primary-only; the engine gives it the same server-side timeouts.
+    writes: bool = False
     notes: str = ""  # extra documentation for docs/metrics.md
 
     def variant_for(self, version: int) -> SqlVariant | None:
@@ -225,6 +228,8 @@ def validate(collectors: Sequence[Collector], self_metrics: Sequence[MetricSpec]
         if not collector.variants and collector.fetch is None:
             problems.append(f"{where}: needs SQL variants or a fetch hook")
         problems.extend(_overlaps(collector))
+        if collector.writes and (collector.enabled or collector.role != "primary"):
+            problems.append(f"{where}: a collector that writes must be disabled by default and primary-only")
         for spec in collector.metrics:
             problems.extend(_check_metric(spec, where))
             if spec.name in owners:

@@ -105,11 +105,15 @@ class Session:
         self.queries = 0
 
     @contextmanager
-    def guarded(self, timeout: float, lock_timeout: float) -> Iterator[Session]:
+    def guarded(self, timeout: float, lock_timeout: float, writes: bool = False) -> Iterator[Session]:
         """A read-only transaction whose statements give up server-side after ``timeout``.
 
         ``lock_timeout`` keeps a monitoring query from ever queuing behind DDL: it gives up
         instead of joining the lock queue (and blocking everyone queued after it).
+        ``writes`` (declared by the heartbeat writer only) makes it a read-write transaction that
+        commits when the block succeeds, with ``synchronous_commit = local``: with synchronous
+        replication and its standby gone a commit would otherwise wait forever, a wait that
+        ``statement_timeout`` does not cover.
         """
         if self.pgbouncer:
             # The admin console knows no transactions nor settings: a client-side watchdog is all
@@ -122,16 +126,24 @@ class Session:
         # One round trip; values are integers we computed, never user text. JIT compilation costs
         # more than our catalog queries themselves (~130 ms on 10,000 tables), and parallel workers
         # would take slots from the application: both off for monitoring.
+        mode = "READ WRITE" if writes else "READ ONLY"
+        commit_mode = "; SET LOCAL synchronous_commit = local" if writes else ""
         self.conn.execute(
-            f"BEGIN TRANSACTION READ ONLY; SET LOCAL statement_timeout = {statement_ms}; "
+            f"BEGIN TRANSACTION {mode}; SET LOCAL statement_timeout = {statement_ms}; "
             f"SET LOCAL lock_timeout = {lock_ms}; SET LOCAL idle_in_transaction_session_timeout = "
             f"{statement_ms + 5000}; SET LOCAL jit = off; SET LOCAL max_parallel_workers_per_gather = 0"
+            f"{commit_mode}"
         )
+        committed = False
         try:
             yield self
+            if writes:
+                self.conn.execute("COMMIT")
+                committed = True
         finally:
-            # Nothing is ever written: end the transaction, failed or not, before the next run.
-            if not self.conn.closed and self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            # A read-only run wrote nothing: end it, failed or not, before the next run.
+            if not committed and not self.conn.closed \
+                    and self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
                 self.conn.execute("ROLLBACK")
 
     @contextmanager

@@ -67,6 +67,8 @@ def metrics_markdown(catalog: Catalog) -> str:
                 f"{'' if collector.enabled else ' (disabled by default)'}.",
                 f"- Versions: {_versions(collector)}.",
             ]
+            if collector.writes:
+                lines.append("- Writes: in a read-write transaction that commits (every other collector only reads).")
             for param in collector.params:
                 lines.append(f"- Parameter `{param.name}` (default `{param.default}`): {param.help}")
             if collector.notes:

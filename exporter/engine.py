@@ -308,7 +308,7 @@ class Engine:
         collector = eff.collector
         wait = max(eff.timeout, 1.0)
         with runtime.conns.session(dbname, wait=wait) as session, \
-                session.guarded(eff.timeout, self.settings.lock_timeout):
+                session.guarded(eff.timeout, self.settings.lock_timeout, writes=collector.writes):
             sql_text, skip = self._choose_sql(runtime, collector, session)
             if skip is not None:
                 return {}, 0, skip

@@ -46,10 +46,17 @@ def test_shipped_catalog_is_valid() -> None:
     ({"metrics": (MetricSpec("c_v", "gauge", " ", value="v"),)}, "no help"),
     ({"interval": 5.0, "timeout": 5.0}, "must be below interval"),
     ({"variants": ()}, "needs SQL variants"),
+    ({"writes": True, "enabled": False}, "must be disabled by default and primary-only"),
+    ({"writes": True, "role": "primary"}, "must be disabled by default and primary-only"),
 ])
 def test_rule_violations_are_rejected(overrides: dict[str, object], message: str) -> None:
     with pytest.raises(CatalogError, match=message):
         validate([_collector(**overrides)])
+
+
+def test_only_the_heartbeat_writer_writes() -> None:
+    writers = [c.name for c in load().collectors if c.writes]
+    assert writers == ["pg_replication_heartbeat_writer"]
 
 
 def test_a_metric_name_belongs_to_one_collector() -> None:

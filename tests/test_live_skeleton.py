@@ -11,11 +11,12 @@ import psycopg
 import pytest
 
 from exporter import __version__
-from exporter.catalog import Collector, SqlVariant, validate
+from exporter.catalog import Collector, Rows, SqlVariant, validate
 from exporter.catalog import load as load_catalog
 from exporter.cli import main
 from exporter.collectors._helpers import gauge
-from exporter.engine import Engine
+from exporter.db import Session
+from exporter.engine import Engine, RunContext
 from exporter.localpg import LocalCluster, free_port, wait_until
 from exporter.snapshot import Snapshot
 from tests.conftest import (
@@ -181,6 +182,36 @@ def test_a_query_over_its_timeout_is_cancelled_server_side(pg: Server) -> None:
     sleeping = pg.execute("SELECT count(*) AS n FROM pg_stat_activity WHERE query LIKE '%pg_sleep(30)%' "
                           "AND state = 'active' AND pid <> pg_backend_pid()")
     assert sleeping[0]["n"] == 0
+    engine.close()
+
+
+def _stamp(session: Session, ctx: RunContext, _sql: str | None) -> Rows:
+    """Try to write a row (a fetch hook, so the same code runs with and without ``writes``)."""
+    session.query("INSERT INTO public.stamps VALUES (1)")
+    return [{"n": 1}]
+
+
+def test_only_a_collector_declared_writing_can_write(pg: Server, fresh_db: str) -> None:
+    pg.execute(f"CREATE TABLE stamps (n int); GRANT INSERT ON stamps TO {MONITOR_ROLE}", fresh_db)
+    common = {"family": "test", "help": "Writes a row.", "interval": 60, "timeout": 5, "scope": "database",
+              "fetch": _stamp}
+    sneaky = Collector(name="test_sneaky_writer", metrics=(gauge("test_sneaky_stamped", "1 when stamped", "n"),),
+                       **common)  # type: ignore[arg-type]
+    declared = Collector(name="test_declared_writer", writes=True, enabled=False, role="primary",
+                         metrics=(gauge("test_declared_stamped", "1 when stamped", "n"),),
+                         **common)  # type: ignore[arg-type]
+    catalog = validate([sneaky, declared])
+    snapshot = Snapshot(catalog, __version__)
+    settings = settings_for([_target(pg, databases={"include": [fresh_db]})])
+    engine = Engine(catalog, settings, snapshot)
+    runtime = engine.targets["main"]
+    assert engine.probe(runtime)
+    engine.collect(runtime, engine.collectors["test_sneaky_writer"])
+    assert snapshot.status("main", "test_sneaky_writer").success is False  # read-only transaction
+    assert pg.execute("SELECT count(*) AS n FROM stamps", fresh_db)[0]["n"] == 0
+    engine.collect(runtime, engine.collectors["test_declared_writer"])  # disabled only keeps the scheduler off
+    assert snapshot.status("main", "test_declared_writer").success is True
+    assert pg.execute("SELECT count(*) AS n FROM stamps", fresh_db)[0]["n"] == 1  # committed
     engine.close()
 
 

@@ -320,27 +320,12 @@ def _heartbeat_table(ctx: RunContext) -> sql.Composed:
 
 
 def _write_heartbeat(session: Session, ctx: RunContext, _sql: str | None) -> Rows:
-    """Stamp the heartbeat row in a short write transaction of its own, outside the read-only one.
-
-    The engine opened a READ ONLY transaction for this run; it is ended first (it has run nothing),
-    and the write gets the same statement/lock timeouts. ``synchronous_commit = local``: with
-    synchronous replication and its standby gone, a commit would otherwise wait forever (the
-    statement timeout does not cover that wait), and the heartbeat must never block on a standby.
-    """
-    conn = session.conn
-    conn.execute("ROLLBACK")
-    timeout_ms = max(1, int(ctx.timeout * 1000))
-    lock_ms = max(1, int(min(ctx.settings.lock_timeout, ctx.timeout) * 1000))
-    conn.execute(
-        f"BEGIN TRANSACTION READ WRITE; SET LOCAL statement_timeout = {timeout_ms}; "
-        f"SET LOCAL lock_timeout = {lock_ms}; SET LOCAL synchronous_commit = local"
-    )
+    """Stamp the heartbeat row (the engine commits it: this collector declares ``writes``)."""
     stamp = sql.SQL(
         "INSERT INTO {} (id, ts) VALUES (1, pg_catalog.now()) ON CONFLICT (id) DO UPDATE SET ts = excluded.ts"
     ).format(_heartbeat_table(ctx))
-    with conn.cursor() as cur:
+    with session.conn.cursor() as cur:
         cur.execute(stamp, prepare=False)
-    conn.execute("COMMIT")
     return []
 
 
@@ -363,11 +348,13 @@ HEARTBEAT_WRITER = Collector(
     role="primary",
     min_server_version=120000,
     enabled=False,
+    writes=True,
     params=_HEARTBEAT_PARAMS,
     fetch=_write_heartbeat,
     metrics=(),
     notes="Needs the table and `GRANT SELECT, INSERT, UPDATE` on it for the exporter's role; writes one "
-          "row every interval in its own short transaction with synchronous_commit = local.",
+          "row every interval in a short read-write transaction with the usual timeouts and "
+          "synchronous_commit = local, so it never waits for a synchronous standby.",
 )
 
 HEARTBEAT = Collector(
