@@ -199,30 +199,52 @@ def wait_for_metric(port: int, name: str, predicate: Callable[[float], bool] = l
     return result
 
 
-def collect_once(server: Server, only: list[str] | None = None, targets: list[dict[str, Any]] | None = None,
-                 **extra: Any) -> Metrics:
-    """Probe the target(s) and run the collectors named in ``only`` (default: all) once; parse the result.
-
-    ``extra`` are settings (e.g. ``collectors={"pg_locks": {"top_n": 5}}``).
+class Runner:
+    """Collectors run again and again through one engine, as the daemon does (collector state persists).
 
     Deterministic alternative to a running daemon for scenario tests: no scheduler, no waiting.
+    ``settings`` are config keys (e.g. ``collectors={"pg_locks": {"top_n": 5}}``); with ``strict`` a
+    target that cannot be probed fails the test instead of being left out.
     """
-    from exporter import __version__
-    from exporter.catalog import load
-    from exporter.engine import Engine
-    from exporter.snapshot import Snapshot
 
-    catalog = load()
-    settings = settings_for(targets or [{"name": "main", "dsn": server.monitor_dsn}], **extra)
-    snapshot = Snapshot(catalog, __version__)
-    engine = Engine(catalog, settings, snapshot)
-    try:
-        for runtime in engine.targets.values():
-            if not engine.probe(runtime):
+    def __init__(self, server: Server, only: list[str] | None = None, targets: list[dict[str, Any]] | None = None,
+                 monitor: bool = True, strict: bool = False, **settings: Any) -> None:
+        from exporter import __version__
+        from exporter.catalog import load
+        from exporter.engine import Engine
+        from exporter.snapshot import Snapshot
+
+        catalog = load()
+        targets = targets or [{"name": "main", "dsn": server.dsn(monitor=monitor)}]
+        self.snapshot = Snapshot(catalog, __version__)
+        self.engine = Engine(catalog, settings_for(targets, **settings), self.snapshot)
+        self.only = only
+        self.strict = strict
+
+    def collect(self) -> Metrics:
+        """Probe every target, run the selected collectors once, return the exposition."""
+        for runtime in self.engine.targets.values():
+            up = self.engine.probe(runtime)
+            assert up or not self.strict, f"{runtime.name} is not reachable"
+            if not up:
                 continue
-            for eff in engine.applicable(runtime):
-                if only is None or eff.collector.name in only:
-                    engine.collect(runtime, eff)
-        return Metrics(snapshot.render().decode())
-    finally:
-        engine.close()
+            for eff in self.engine.applicable(runtime):
+                if self.only is None or eff.collector.name in self.only:
+                    self.engine.collect(runtime, eff)
+        return Metrics(self.snapshot.render().decode())
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+def collect_once(server: Server, only: list[str] | None = None, targets: list[dict[str, Any]] | None = None,
+                 **extra: Any) -> Metrics:
+    """Probe the target(s) and run the collectors named in ``only`` (default: all) once; parse the result."""
+    with Runner(server, only, targets, **extra) as runner:
+        return runner.collect()

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 import psycopg
 import pytest
 
-from exporter.collectors.locks import blocking_summary
+from exporter.collectors.locks import blocking_summary, bound_inexact_waits
 from exporter.localpg import wait_until
-from tests.conftest import Metrics, Server, collect_once
+from tests.conftest import Metrics, Runner, Server, collect_once
 
 pytestmark = [pytest.mark.live, pytest.mark.family("locks")]
 
@@ -149,6 +149,67 @@ def test_chain_of_three_waiters_behind_one_root(pg: Server, fresh_db: str) -> No
     assert after.value("pg_lock_blocking_roots", datname=fresh_db) == 0
     assert after.value("pg_lock_max_blocked_by_one_root") == 0
     assert after.value("pg_lock_wait_max_seconds", datname=fresh_db) == 0
+
+
+def test_a_wait_late_in_a_long_statement_is_not_counted_from_its_start(pg: Server, fresh_db: str) -> None:
+    """PostgreSQL 12-13 record no wait start: a run that saw no wait bounds it (14+ read waitstart)."""
+    pg.execute("CREATE TABLE t1 (id int)", fresh_db)
+
+    def slow_statement() -> dict[str, float] | None:
+        rows = pg.execute("SELECT extract(epoch FROM query_start)::float8 AS started, "
+                          "extract(epoch FROM clock_timestamp() - query_start)::float8 AS ran "
+                          "FROM pg_stat_activity WHERE application_name = 'slow' AND state = 'active'")
+        return rows[0] if rows else None
+
+    with sessions(pg, fresh_db) as group, Runner(pg, ["pg_lock_waits"], strict=True) as runner:
+        group.open("holder").execute("LOCK TABLE t1 IN ACCESS EXCLUSIVE MODE")
+        group.open("slow")
+        # Sleeps first, then waits for t1: the wait begins 6 s after the statement.
+        group.start("slow", "DO $$ BEGIN PERFORM pg_sleep(6); PERFORM count(*) FROM t1; END $$")
+        wait_until(lambda: (row := slow_statement()) is not None and row["ran"] >= 2, timeout=20)
+        before_first_run = time.time()
+        assert runner.collect().value("pg_lock_waiting_sessions", datname=fresh_db) == 0
+        wait_until(lambda: group.waiting() == 1, timeout=20)
+        statement = slow_statement()
+        metrics = runner.collect()
+        after_second_run = time.time()
+        group.conns["holder"].rollback()
+    wait = metrics.value("pg_lock_wait_max_seconds", datname=fresh_db)
+    assert metrics.value("pg_lock_waiting_sessions", datname=fresh_db) == 1
+    assert statement is not None and wait is not None
+    # The first run saw no wait, so it began after that run started; counting from the statement's
+    # start would add the 2+ s the statement had already run by then.
+    assert 0 < wait <= after_second_run - before_first_run
+    assert after_second_run - statement["started"] > wait + 2
+
+
+def _waits(*waiters: tuple[int, float, bool, float], at: float) -> list[dict[str, object]]:
+    """Rows as the pg_lock_waits query returns them: (pid, query_start, exact, wait_seconds) and the clock."""
+    rows: list[dict[str, object]] = [
+        {"kind": "waiter", "pid": pid, "query_start": started, "exact": exact, "wait_seconds": wait}
+        for pid, started, exact, wait in waiters]
+    return [*rows, {"kind": "clock", "query_start": at}]
+
+
+def test_inexact_waits_are_bounded_by_the_last_run_that_did_not_see_them() -> None:
+    state: dict[str, object] = {}
+    # First run at t=100: no history, so statement 1 (started at 40) counts from its start.
+    first = bound_inexact_waits(_waits((1, 40.0, False, 60.0), at=100.0), state)
+    assert first[0]["wait_seconds"] == 60.0
+    # t=115: statement 1 keeps its bound (40); statement 2 (started at 50) was not waiting at t=100.
+    second = bound_inexact_waits(_waits((1, 40.0, False, 75.0), (2, 50.0, False, 65.0), at=115.0), state)
+    assert [r["wait_seconds"] for r in second[:2]] == [75.0, 15.0]
+    # t=130: statement 2 still bounded by t=100; pid 1 runs a new statement (started 110), not seen
+    # waiting at t=115: bounded by 115; an exact wait (waitstart known, 14+) stays as the server measured it.
+    third = bound_inexact_waits(
+        _waits((2, 50.0, False, 80.0), (1, 110.0, False, 20.0), (3, 10.0, True, 7.0), at=130.0), state)
+    assert [r["wait_seconds"] for r in third[:3]] == [30.0, 15.0, 7.0]
+    # Forgotten once not seen: statement 2 waiting again at t=160 is bounded by the run at t=145.
+    state_keys = set(state["wait_bounds"])  # type: ignore[call-overload]
+    assert state_keys == {(2, 50.0), (1, 110.0)}
+    bound_inexact_waits(_waits(at=145.0), state)
+    fourth = bound_inexact_waits(_waits((2, 50.0, False, 110.0), at=160.0), state)
+    assert fourth[0]["wait_seconds"] == 15.0
 
 
 def test_lock_counts_leave_out_our_own_query(pg: Server, fresh_db: str) -> None:

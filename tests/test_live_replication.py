@@ -8,41 +8,14 @@ from typing import Any
 
 import pytest
 
-from exporter import __version__
-from exporter.catalog import load
-from exporter.engine import Engine
 from exporter.localpg import wait_until
-from exporter.snapshot import Snapshot
-from tests.conftest import MONITOR_ROLE, Metrics, Server, settings_for, start_server, wait_for_metric
+from tests.conftest import MONITOR_ROLE, Runner, Server, start_server, wait_for_metric
 from tests.standby import Standby, drop_slot, standby_of, start_standby
 
 pytestmark = [pytest.mark.live, pytest.mark.family("replication")]
 
 REPLICATION_COLLECTORS = ["pg_replication_role", "pg_stat_replication", "pg_replication_standby",
                           "pg_replication_slots", "pg_stat_replication_slots"]
-
-
-class Runner:
-    """Collectors run again and again through one engine, as the daemon does (collector state persists)."""
-
-    def __init__(self, server: Server, names: list[str], monitor: bool = True, **settings: Any) -> None:
-        catalog = load()
-        self.snapshot = Snapshot(catalog, __version__)
-        targets = [{"name": "main", "dsn": server.dsn(monitor=monitor)}]
-        self.engine = Engine(catalog, settings_for(targets, **settings), self.snapshot)
-        self.names = names
-
-    def collect(self) -> Metrics:
-        """Probe, run the collectors once, return the exposition."""
-        for runtime in self.engine.targets.values():
-            assert self.engine.probe(runtime)
-            for eff in self.engine.applicable(runtime):
-                if eff.collector.name in self.names:
-                    self.engine.collect(runtime, eff)
-        return Metrics(self.snapshot.render().decode())
-
-    def close(self) -> None:
-        self.engine.close()
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +49,7 @@ def runners() -> Iterator[list[Runner]]:
 
 def _runner(made: list[Runner], server: Server, monitor: bool, names: list[str] | None = None,
             **settings: Any) -> Runner:
-    runner = Runner(server, names or REPLICATION_COLLECTORS, monitor, **settings)
+    runner = Runner(server, names or REPLICATION_COLLECTORS, monitor=monitor, strict=True, **settings)
     made.append(runner)
     return runner
 
@@ -441,7 +414,7 @@ def test_standby_fixture_is_a_real_streaming_copy(primary: Server, standby: Stan
     # A second standby on the same primary, without a slot, works side by side. It connects under
     # the same name from the same address: one series with senders = 2, never duplicate series.
     second = start_standby(primary, slot=None, name="repl-second", application_name=standby.application_name)
-    runner = Runner(primary, ["pg_stat_replication"])
+    runner = Runner(primary, ["pg_stat_replication"], strict=True)
     try:
         second.wait_caught_up()
         assert second.execute("SELECT sum(v) AS s FROM fixture_probe")[0]["s"] >= 42

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict, deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from exporter.catalog import Collector, Rows, SqlVariant
 from exporter.collectors._helpers import gauge
@@ -85,16 +85,48 @@ WITH waiting AS MATERIALIZED (
          COALESCE(a.application_name = pg_catalog.current_setting('application_name'), false) AS ours,
          GREATEST(0, pg_catalog.date_part('epoch',
              pg_catalog.clock_timestamp() - COALESCE(w.waitstart, a.query_start))) AS wait_seconds,
+         w.waitstart IS NOT NULL AS exact,
+         pg_catalog.date_part('epoch', a.query_start) AS query_start,
          pg_catalog.pg_blocking_pids(w.pid) AS blocked_by
   FROM waiting w LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = w.pid
 )
-SELECT 'waiter' AS kind, pid, datname, ours, wait_seconds, blocked_by FROM waiters
+SELECT 'waiter' AS kind, pid, datname, ours, wait_seconds, exact, query_start, blocked_by FROM waiters
 UNION ALL
-SELECT 'blocker', a.pid, a.datname::text, NULL, NULL, NULL
+SELECT 'blocker', a.pid, a.datname::text, NULL, NULL, NULL, NULL, NULL
 FROM pg_catalog.pg_stat_activity a
 WHERE a.pid IN (SELECT pg_catalog.unnest(blocked_by) FROM waiters)
 UNION ALL
-SELECT 'database', NULL, datname::text, NULL, NULL, NULL FROM ({_DATABASES}) db"""
+SELECT 'database', NULL, datname::text, NULL, NULL, NULL, NULL, NULL FROM ({_DATABASES}) db
+UNION ALL
+-- Taken before pg_locks was read: a wait not seen by this run began after this instant.
+SELECT 'clock', NULL, NULL, NULL, NULL, NULL, pg_catalog.date_part('epoch', pg_catalog.statement_timestamp()), NULL"""
+
+
+def bound_inexact_waits(rows: Rows, state: dict[str, Any]) -> Rows:
+    """Tighten waits the server gives no start for (12-13; the first instant of a wait on 14+).
+
+    Such a wait is measured from its statement's start, but if the previous run saw no wait for
+    that statement, the wait began after that run: measure from there. Still an upper bound,
+    now off by at most one interval instead of by the statement's whole run time.
+    """
+    previous_run: float | None = state.get("run_started")
+    known: dict[tuple[int, float], float] = state.get("wait_bounds", {})
+    bounds: dict[tuple[int, float], float] = {}
+    for row in rows:
+        if row["kind"] == "clock":
+            state["run_started"] = row["query_start"]
+        elif row["kind"] == "waiter" and not row["exact"] and row["query_start"] is not None:
+            key = (row["pid"], row["query_start"])
+            bound = known.get(key, max(row["query_start"], previous_run or row["query_start"]))
+            bounds[key] = bound
+            row["wait_seconds"] = max(0.0, float(row["wait_seconds"]) - (bound - row["query_start"]))
+    state["wait_bounds"] = bounds
+    return rows
+
+
+def lock_wait_summary(rows: Rows, ctx: RunContext) -> Rows:
+    """The pg_lock_waits transform: bound inexact waits with what earlier runs saw, then summarize."""
+    return blocking_summary(bound_inexact_waits(rows, ctx.state), ctx)
 
 
 def blocking_summary(rows: Rows, _ctx: RunContext | None = None) -> Rows:
@@ -111,7 +143,7 @@ def blocking_summary(rows: Rows, _ctx: RunContext | None = None) -> Rows:
             db(row["datname"])
         elif row["kind"] == "blocker":
             session_db[row["pid"]] = row["datname"] or ""
-        else:
+        elif row["kind"] == "waiter":
             name = row["datname"] or ""
             session_db[row["pid"]] = name
             # Duplicates (parallel workers) and the waiter itself (extension locks in a lock group) go.
@@ -168,13 +200,14 @@ LOCK_WAITS = Collector(
         SqlVariant(sql=_waits_sql(_WAITSTART_12), min_version=120000, max_version=140000),
         SqlVariant(sql=_waits_sql(_WAITSTART_14), min_version=140000),
     ),
-    transform=blocking_summary,
+    transform=lock_wait_summary,
     metrics=(
         gauge("pg_lock_waiting_sessions", "Sessions waiting for a heavyweight lock, by their database (0: none).",
               "waiting", ("datname",)),
         gauge("pg_lock_wait_max_seconds",
-              "Longest current lock wait in the database (0: nobody waits). PostgreSQL 12-13 count from the "
-              "start of the waiting statement, an upper bound.",
+              "Longest current lock wait in the database (0: nobody waits). Where the server records no wait "
+              "start (PostgreSQL 12-13), an upper bound: from the later of the statement's start and the "
+              "last collection that did not see the wait.",
               "wait_max", ("datname",), unit="seconds"),
         gauge("pg_lock_blocking_roots",
               "Sessions at the root of a blocking chain (blocking others, waiting for nobody), by their database.",
