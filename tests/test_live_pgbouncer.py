@@ -18,7 +18,7 @@ from exporter.exposition import render_rows
 from exporter.localpg import wait_until
 from exporter.snapshot import Snapshot
 from tests.conftest import Metrics, Server, http_status, settings_for, wait_for_metric
-from tests.pgbouncer import APP_USER, PgBouncer, pgbouncer_available, running_pgbouncer
+from tests.pgbouncer import APP_USER, PgBouncer, pgbouncer_available, pgbouncer_version, running_pgbouncer
 
 pytestmark = [
     pytest.mark.live,
@@ -168,13 +168,24 @@ def test_limits_and_version_specific_columns(bouncer: PgBouncer, poller: Poller)
     assert metrics.value("pgbouncer_databases_reserve_pool_size", database="pgbouncer") == 0
     show_config = {row["key"]: row["value"] for row in bouncer.show("CONFIG")}
     assert metrics.value("pgbouncer_config_max_db_connections") == float(show_config["max_db_connections"])
-    # Columns newer PgBouncers have and this one lacks give no sample, never a zero.
-    stats_columns = set(bouncer.show("STATS")[0])
-    if "total_server_assignment_count" not in stats_columns:
-        assert not metrics.find("pgbouncer_stats_server_assignments_total")
-    database_columns = set(bouncer.show("DATABASES")[0])
-    if "current_client_connections" not in database_columns:
-        assert not metrics.find("pgbouncer_databases_current_client_connections")
+    # Columns newer PgBouncers have are read by name; where this one lacks them: no sample, never a zero.
+    stats = {row["database"]: row for row in bouncer.show("STATS")}
+    assignments = metrics.find("pgbouncer_stats_server_assignments_total")
+    if "total_server_assignment_count" in stats["pgbouncer"]:  # 1.23+
+        assert pgbouncer_version() >= (1, 23)
+        assert {labels["database"] for labels, _ in assignments} == set(stats)
+    else:
+        assert not assignments
+    databases = {row["name"]: row for row in bouncer.show("DATABASES")}
+    clients = metrics.find("pgbouncer_databases_current_client_connections")
+    if "current_client_connections" in databases["pgbouncer"]:  # 1.24+
+        assert pgbouncer_version() >= (1, 24)
+        assert {labels["database"] for labels, _ in clients} == set(databases)
+        assert metrics.value("pgbouncer_databases_current_client_connections", database="pgbouncer") >= 1  # type: ignore[operator]
+    else:
+        assert not clients
+    # reserve_pool in SHOW DATABASES was renamed reserve_pool_size in 1.24: the metric exists either way.
+    assert {labels["database"] for labels, _ in metrics.find("pgbouncer_databases_reserve_pool_size")} == set(databases)
 
 
 def test_newer_column_sets_are_read_by_name() -> None:

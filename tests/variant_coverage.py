@@ -147,6 +147,7 @@ class MajorRun:
     documents: list[dict[str, Any]] = field(default_factory=list)
     log: Path | None = None
     binaries: str = ""  # where the server binaries came from, with their exact version
+    pgbouncer: str = ""  # the PgBouncer the run's tests started (version and origin)
 
     @property
     def tests(self) -> list[dict[str, Any]]:
