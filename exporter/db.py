@@ -106,7 +106,7 @@ class Session:
 
     @contextmanager
     def guarded(self, timeout: float, lock_timeout: float, writes: bool = False) -> Iterator[Session]:
-        """A read-only transaction whose statements give up server-side after ``timeout``.
+        """A read-only transaction (unless ``writes``) whose statements give up server-side after ``timeout``.
 
         ``lock_timeout`` keeps a monitoring query from ever queuing behind DDL: it gives up
         instead of joining the lock queue (and blocking everyone queued after it).

@@ -188,7 +188,8 @@ def blocking_summary(rows: Rows, _ctx: RunContext | None = None) -> Rows:
 
 
 _WAITSTART_14 = "min(l.waitstart)"
-_WAITSTART_12 = "NULL::timestamptz"  # pg_locks.waitstart arrived in 14: fall back to the statement start
+# pg_locks.waitstart arrived in 14: from the statement start, then bounded by bound_inexact_waits().
+_WAITSTART_12 = "NULL::timestamptz"
 
 LOCK_WAITS = Collector(
     name="pg_lock_waits",
