@@ -29,6 +29,7 @@ from exporter.db import (
     read_facts,
 )
 from exporter.exposition import label_text, render_rows
+from exporter.hooks import RunContext
 from exporter.snapshot import Snapshot
 
 log = logging.getLogger("pgvitals.engine")
@@ -59,19 +60,6 @@ def effective_collectors(catalog: Catalog, settings: Settings) -> list[Effective
             params.update(override.model_extra or {})
         out.append(Effective(collector, enabled, interval, min(timeout, interval * 0.9), params))
     return out
-
-
-@dataclass
-class RunContext:
-    """What a fetch or transform hook may know about the run it is part of."""
-
-    target: str
-    database: str | None
-    facts: Facts | None
-    params: dict[str, Any]
-    state: dict[str, Any]
-    settings: Settings
-    timeout: float = 5.0
 
 
 def quote_ident(name: str) -> str:

@@ -13,8 +13,9 @@ import pytest
 from exporter import __version__
 from exporter.catalog import load
 from exporter.collectors.pgbouncer import DATABASES, POOLS, database_rows, pool_rows
-from exporter.engine import Engine, RunContext
+from exporter.engine import Engine
 from exporter.exposition import render_rows
+from exporter.hooks import RunContext
 from exporter.localpg import wait_until
 from exporter.snapshot import Snapshot
 from tests.conftest import Metrics, Server, http_status, settings_for, wait_for_metric

@@ -16,7 +16,8 @@ from exporter.catalog import load as load_catalog
 from exporter.cli import main
 from exporter.collectors._helpers import gauge
 from exporter.db import Session
-from exporter.engine import Engine, RunContext
+from exporter.engine import Engine
+from exporter.hooks import RunContext
 from exporter.localpg import LocalCluster, free_port, wait_until
 from exporter.snapshot import Snapshot
 from tests.conftest import (

@@ -17,7 +17,7 @@ from exporter.db import CollectError, TargetDown, classify
 
 if TYPE_CHECKING:
     from exporter.db import Session
-    from exporter.engine import RunContext
+    from exporter.hooks import RunContext
 
 T = TypeVar("T")
 

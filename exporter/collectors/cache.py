@@ -9,7 +9,7 @@ from exporter.collectors._helpers import counter
 
 if TYPE_CHECKING:
     from exporter.db import Session
-    from exporter.engine import RunContext
+    from exporter.hooks import RunContext
 
 TOP_N = Param(
     "top_n", 50,

@@ -9,7 +9,7 @@ from exporter.catalog import Collector, Rows, SqlVariant
 from exporter.collectors._helpers import gauge
 
 if TYPE_CHECKING:
-    from exporter.engine import RunContext
+    from exporter.hooks import RunContext
 
 # The lock modes of the lock table; each gets a series (0 when none) per database so that graphs and
 # alerts see a steady set. Any other mode (SIReadLock under SERIALIZABLE) appears when present.

@@ -16,7 +16,7 @@ from exporter.exposition import to_number
 
 if TYPE_CHECKING:
     from exporter.db import Session
-    from exporter.engine import RunContext
+    from exporter.hooks import RunContext
 
 US = 1e-6  # PgBouncer reports times in microseconds; we export seconds
 POOL = ("database", "user")

@@ -13,7 +13,7 @@ from exporter.collectors._helpers import gauge
 
 if TYPE_CHECKING:
     from exporter.config import PoolConfig
-    from exporter.engine import RunContext
+    from exporter.hooks import RunContext
 
 UNMATCHED = "unmatched"
 #: States every applicable pool reports, zero when no session is in them, so that a pool's series

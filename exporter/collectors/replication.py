@@ -16,7 +16,7 @@ from exporter.collectors._helpers import counter, gauge
 
 if TYPE_CHECKING:
     from exporter.db import Session
-    from exporter.engine import RunContext
+    from exporter.hooks import RunContext
 
 STANDBY = ("application_name", "client_addr", "state", "sync_state")
 SLOT = ("slot_name", "slot_type", "database")

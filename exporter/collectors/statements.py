@@ -18,7 +18,7 @@ from exporter.collectors._helpers import MS, counter, gauge
 
 if TYPE_CHECKING:
     from exporter.db import Session
-    from exporter.engine import RunContext
+    from exporter.hooks import RunContext
 
 log = logging.getLogger("pgvitals.collectors.statements")
 

@@ -12,7 +12,7 @@ from exporter.db import CollectError
 
 if TYPE_CHECKING:
     from exporter.db import Session
-    from exporter.engine import RunContext
+    from exporter.hooks import RunContext
 
 TABLE = ("datname", "schemaname", "relname")
 
