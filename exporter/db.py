@@ -7,10 +7,10 @@ import socket
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import errors as pgerrors
@@ -20,6 +20,7 @@ from psycopg.rows import dict_row
 from exporter.secrets import redact
 
 Row = dict[str, Any]
+T = TypeVar("T")
 
 
 class CollectError(Exception):
@@ -177,6 +178,49 @@ class Session:
             if cur.description is None:
                 return []
             return cur.fetchall()
+
+    @contextmanager
+    def savepoint(self, name: str = "pgvitals") -> Iterator[None]:
+        """Run a block in a savepoint that is always rolled back: it undoes SET LOCAL and releases its locks."""
+        self.query(f"SAVEPOINT {name}")
+        try:
+            yield
+        finally:
+            self.query(f"ROLLBACK TO SAVEPOINT {name}")
+
+    def attempt(self, work: Callable[[], T]) -> T | CollectError:
+        """``work()`` in a savepoint; a database error comes back classified instead of failing the run.
+
+        A lost connection still raises (as TargetDown): nothing after it could run.
+        """
+        try:
+            with self.savepoint():
+                return work()
+        except TargetDown:
+            raise
+        except Exception as exc:  # one object's failure (lock_timeout, timeout, dropped meanwhile) is not the run's
+            error = classify(exc)
+            if isinstance(error, TargetDown):
+                raise error from exc
+            return error
+
+    def locked_tables(self, relids: Collection[int]) -> set[int]:
+        """The tables of ``relids`` with an ACCESS EXCLUSIVE lock held or requested on them, their TOAST or an index."""
+        if not relids:
+            return set()
+        return {int(row["relid"]) for row in self.query(LOCKED_TABLES_SQL, {"relids": list(relids)})}
+
+
+#: Tables (given by oid) with an ACCESS EXCLUSIVE lock held or requested on them, their TOAST table or one
+#: of their indexes: reading such a table, its size or an index of it would queue behind the DDL.
+LOCKED_TABLES_SQL = """
+SELECT DISTINCT COALESCE(x.indrelid, owner.oid, l.relation)::bigint AS relid
+FROM pg_catalog.pg_locks l
+LEFT JOIN pg_catalog.pg_index x ON x.indexrelid = l.relation
+LEFT JOIN pg_catalog.pg_class owner ON owner.reltoastrelid = l.relation
+WHERE l.locktype = 'relation' AND l.mode = 'AccessExclusiveLock'
+  AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname = pg_catalog.current_database())
+  AND COALESCE(x.indrelid, owner.oid, l.relation) = ANY(%(relids)s::oid[])"""
 
 
 class TargetConnections:

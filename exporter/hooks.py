@@ -1,12 +1,18 @@
-"""What a collector's fetch and transform hooks get: the run's context (and, later, their toolkit)."""
+"""What a collector's fetch and transform hooks get: the run's context, and the toolkit they share."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from exporter.config import Settings
-from exporter.db import Facts
+from psycopg import sql as pgsql
+
+from exporter.db import CollectError, Row
+
+if TYPE_CHECKING:
+    from exporter.config import Settings
+    from exporter.db import Facts, Session
 
 
 @dataclass
@@ -20,3 +26,48 @@ class RunContext:
     state: dict[str, Any]
     settings: Settings
     timeout: float = 5.0
+
+    def extension_schema(self, dbname: str, extension: str) -> pgsql.Identifier:
+        """The schema ``extension`` is installed in, in ``dbname``, as an identifier to compose SQL with.
+
+        Read from the facts the engine planned this run against (the same source as its ``{ext_schema}``
+        substitution): the engine looked the database's extensions up before choosing the collector's variant.
+        """
+        installed = self.facts.extensions.get(dbname, {}) if self.facts is not None else {}
+        if extension not in installed:
+            raise CollectError("missing_object", f"extension {extension} is not installed in database {dbname}")
+        return pgsql.Identifier(installed[extension][0])
+
+
+# -- sticky top-N ----------------------------------------------------------------------------------
+#
+# Top-N collectors export the N largest (or busiest) relations one by one and sum the rest into one
+# "other" series. An incumbent (chosen last run) keeps its place until a newcomer is STICKINESS times
+# larger, so that relations of similar size do not swap in and out at every VACUUM (each swap breaks
+# counters). The ranking key is weighted by STICKY_NUM / STICKY_DEN in integers, so a bigint key stays one.
+
+STICKY_NUM, STICKY_DEN = 5, 4
+STICKINESS = STICKY_NUM / STICKY_DEN
+
+#: The state key under which a top-N collector keeps the keys it chose last run.
+INCUMBENTS = "incumbents"
+
+
+def sticky_rank(key: str, size: str) -> str:
+    """SQL: ``row_number()`` by ``size`` descending, rows whose ``key`` is in ``%(incumbents)s`` weighted up.
+
+    Ties go to incumbents, then to the smaller key: the order is total, so the top is stable between runs.
+    """
+    incumbent = f"{key}::bigint = ANY(%(incumbents)s::bigint[])"
+    return (f"pg_catalog.row_number() OVER (ORDER BY ({size}) * CASE WHEN {incumbent} THEN {STICKY_NUM} "
+            f"ELSE {STICKY_DEN} END DESC, {incumbent} DESC, {key})")
+
+
+def query_top(session: Session, ctx: RunContext, sql: str, params: Mapping[str, Any], key: str = "relid") -> list[Row]:
+    """Run a sticky top-N query with last run's choice as ``%(incumbents)s``; remember this run's.
+
+    The chosen rows are those whose ``key`` is not NULL (the remainder row has none).
+    """
+    rows = session.query(sql, {**params, INCUMBENTS: list(ctx.state.get(INCUMBENTS, ()))})
+    ctx.state[INCUMBENTS] = [row[key] for row in rows if row[key] is not None]
+    return rows

@@ -276,3 +276,24 @@ def test_measured_says_when_pgstattuple_is_missing(pg: Server, fresh_db: str) ->
     metrics = collect_once(pg, [MEASURED], targets=[target])
     assert metrics.value("pgvitals_collector_skipped", collector=MEASURED, reason="extension") == 1
     assert not metrics.find("pg_table_bloat_measured_bytes")
+
+
+def test_measured_finds_pgstattuple_in_a_schema_that_needs_quoting(pg: Server, fresh_db: str) -> None:
+    # The schema comes from the facts the engine planned with, composed as an identifier (not re-read, not
+    # pasted in): a name with a space, an upper-case letter and a double quote must still resolve.
+    schema = 'Stats "tools"'
+    quoted = '"Stats ""tools"""'
+    pg.execute(f"CREATE SCHEMA {quoted}", fresh_db)
+    pg.execute(f"CREATE EXTENSION pgstattuple SCHEMA {quoted}", fresh_db)
+    pg.execute(f"GRANT USAGE ON SCHEMA {quoted} TO {MONITOR_ROLE}", fresh_db)
+    pg.execute("CREATE TABLE filled (id int, note text)", fresh_db)
+    pg.execute("INSERT INTO filled SELECT g, md5(g::text) FROM generate_series(1, 50000) g", fresh_db)
+    pg.execute("ANALYZE filled", fresh_db)
+    assert pg.execute("SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace "
+                      "WHERE e.extname = 'pgstattuple'", fresh_db)[0]["nspname"] == schema
+    target = {"name": "main", "dsn": pg.dsn(fresh_db), "databases": {"include": [fresh_db]}}
+    metrics = run_collector([target], MEASURED, relations=10)
+    assert metrics.value("pgvitals_collector_success", collector=MEASURED) == 1
+    ratio = metrics.value("pg_table_bloat_measured_ratio", datname=fresh_db, relname="filled")
+    assert ratio is not None and 0 <= ratio < 0.2, metrics.body
+    assert not metrics.find("pg_bloat_measured_skipped_relations", reason="query")

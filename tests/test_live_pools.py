@@ -10,6 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from exporter import catalog
 from exporter.collectors.pools import BASE_STATES, UNMATCHED, assign_pool, parse_address, pools_for
 from exporter.config import PoolConfig
 from exporter.localpg import wait_until
@@ -17,7 +18,7 @@ from tests.conftest import Metrics, Server, collect_once, start_server
 
 pytestmark = [pytest.mark.live, pytest.mark.family("connections")]
 
-POOL_COLLECTORS = ["pg_pools", "pg_connections_max"]
+POOL_COLLECTORS = ["pg_connections", "pg_connections_max"]
 API_ROLE = "api_svc"
 API_PASSWORD = "Api-Role-Secret-4"
 
@@ -83,9 +84,9 @@ def test_sessions_land_in_declared_pools(pg: Server, fresh_db: str, api_role: st
         vault[0].execute("SELECT 1")  # idle in transaction
         for name, count in (("mandate_vault-worker", 4), ("ledger", 2), ("someone_else", 3)):
             _wait_visible(pg, name, count)
-        metrics = collect_once(pg, [*POOL_COLLECTORS, "pg_connections"], pools=pools)
+        metrics = collect_once(pg, POOL_COLLECTORS, pools=pools)
 
-    assert metrics.value("pgvitals_collector_success", collector="pg_pools") == 1
+    assert metrics.value("pgvitals_collector_success", collector="pg_connections") == 1
     assert metrics.value("pg_pool_connections", target="main", pool="mandate-vault", state="idle") == 3
     assert metrics.value("pg_pool_connections", pool="mandate-vault", state="idle in transaction") == 1
     assert metrics.value("pg_pool_connections", pool="mandate-vault", state="active") == 0
@@ -100,7 +101,7 @@ def test_sessions_land_in_declared_pools(pg: Server, fresh_db: str, api_role: st
     assert metrics.value("pg_pool_connections", pool=UNMATCHED, state="idle") >= 3  # type: ignore[operator]
     assert metrics.value("pg_pool_connections", pool=UNMATCHED, state="active") >= 1  # type: ignore[operator]
     assert not metrics.find("pg_pool_capacity", pool=UNMATCHED)
-    # Every client session is counted exactly once: the pools add up to pg_connections.
+    # Every client session is counted exactly once, in one scan: the pools add up to pg_connections.
     assert sum(v for _, v in metrics.find("pg_connections", datname=fresh_db)) == 9
     all_pools = sum(v for _, v in metrics.find("pg_pool_connections"))
     assert all_pools == sum(v for _, v in metrics.find("pg_connections"))
@@ -108,7 +109,7 @@ def test_sessions_land_in_declared_pools(pg: Server, fresh_db: str, api_role: st
 
 def test_exporter_sessions_count_under_their_application_name(pg: Server) -> None:
     pools = [{"name": "monitoring", "application_name": "pgvitals", "capacity": 2}]
-    metrics = collect_once(pg, ["pg_pools"], pools=pools)
+    metrics = collect_once(pg, ["pg_connections"], pools=pools)
     # The exporter's one session is active while it reads pg_stat_activity.
     assert metrics.value("pg_pool_connections", pool="monitoring", state="active") == 1
     assert metrics.value("pg_pool_connections", pool="monitoring", state="idle") == 0
@@ -129,7 +130,7 @@ def test_client_addr_ranges_and_first_match_wins(pg: Server, fresh_db: str, api_
         stack.enter_context(sessions(pg, fresh_db, 2, "api_app", user=api_role))
         _wait_visible(pg, "cidr_app", 3)
         _wait_visible(pg, "api_app", 2)
-        metrics = collect_once(pg, ["pg_pools"], pools=pools)
+        metrics = collect_once(pg, ["pg_connections"], pools=pools)
 
     assert _pool_total(metrics, "far-away") == 0
     assert metrics.value("pg_pool_connections", pool="loopback", state="idle") == 2
@@ -140,6 +141,15 @@ def test_client_addr_ranges_and_first_match_wins(pg: Server, fresh_db: str, api_
     assert not metrics.find("pg_pool_capacity", pool="elsewhere")
     # The Unix-socket session has no client address, so it is unmatched (with the exporter's own).
     assert metrics.value("pg_pool_connections", pool=UNMATCHED, state="idle") >= 1  # type: ignore[operator]
+    # The scan groups by address too (for the pools); pg_connections has no address label, so the TCP and
+    # the Unix-socket sessions of one role, application and state are one series.
+    assert metrics.value("pg_connections", datname=fresh_db, application_name="cidr_app", state="idle") == 3
+
+
+def test_one_collector_feeds_connections_and_pools() -> None:
+    """pg_connections and the pool metrics come from one pg_stat_activity scan per interval."""
+    owners = catalog.load().metric_owner
+    assert owners["pg_connections"] == owners["pg_pool_connections"] == owners["pg_pool_capacity"]
 
 
 def test_active_sessions_are_counted_as_active(pg: Server, fresh_db: str) -> None:
@@ -151,7 +161,7 @@ def test_active_sessions_are_counted_as_active(pg: Server, fresh_db: str) -> Non
         try:
             wait_until(lambda: pg.execute("SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = "
                                           "'sleeper' AND state = 'active'")[0]["n"] == 2, timeout=10)
-            metrics = collect_once(pg, ["pg_pools"], pools=pools)
+            metrics = collect_once(pg, ["pg_connections"], pools=pools)
         finally:
             pg.execute("SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE application_name = 'sleeper'")
             for thread in threads:

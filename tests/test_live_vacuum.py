@@ -187,3 +187,48 @@ def test_multixact_age_grows_with_shared_row_locks(pg: Server, fresh_db: str) ->
     metrics, _, _ = _ages(pg, fresh_db)
     assert metrics.value("pg_database_mxid_age", datname=fresh_db) >= before + 5  # type: ignore[operator]
     assert metrics.value("pg_database_oldest_table_mxid_age", datname=fresh_db) >= table_before + 5  # type: ignore[operator]
+
+
+def test_top_n_membership_is_sticky(pg: Server, fresh_db: str) -> None:
+    """The rule cache's statio collectors follow too: an exported table stays until another is 1.25x larger."""
+    from exporter import __version__
+    from exporter.catalog import load
+    from exporter.engine import Engine
+    from exporter.snapshot import Snapshot
+    from tests.conftest import settings_for
+
+    def add_rows(table: str, rows: int) -> dict[str, int]:
+        """Insert, VACUUM (which brings relpages up to date), and return every test table's relpages."""
+        pg.execute(f"INSERT INTO {table} (id, pad) SELECT g, repeat('v', 50) FROM generate_series(1, {rows}) g",
+                   fresh_db)
+        pg.execute(f"VACUUM {table}", fresh_db)
+        return {row["relname"]: int(row["relpages"]) for row in pg.execute(
+            "SELECT relname, relpages FROM pg_class WHERE relname IN ('big', 'mid', 'small')", fresh_db)}
+
+    catalog = load()
+    settings = settings_for([_target(pg, fresh_db)], collectors={TABLES: {"top_n": 2, "top_n_churn": 0}})
+    engine = Engine(catalog, settings, Snapshot(catalog, __version__))
+
+    def top() -> set[str]:  # on the same engine: last run's choice is this run's incumbents
+        runtime = engine.targets["main"]
+        assert engine.probe(runtime)
+        engine.collect(runtime, engine.collectors[TABLES])
+        found = Metrics(engine.snapshot.render().decode()).find("pg_stat_user_tables_n_live_tup", datname=fresh_db)
+        return {labels["relname"] for labels, _ in found} - {"other"}
+
+    for table, rows in (("big", 9000), ("mid", 4500), ("small", 4000)):
+        pg.execute(f"CREATE TABLE {table} (id int, pad text) WITH (autovacuum_enabled = false)", fresh_db)
+        add_rows(table, rows)
+    try:
+        assert top() == {"big", "mid"}
+        pages = add_rows("small", 1000)  # now a little larger than mid, but not by a quarter
+        assert pages["mid"] < pages["small"] < pages["mid"] * 1.25
+        first_run = _tables(pg, fresh_db, top_n=2, top_n_churn=0)  # a first run ranks by size alone
+        assert {labels["relname"] for labels, _ in first_run.find("pg_stat_user_tables_n_live_tup",
+                                                                   datname=fresh_db)} == {"big", "small", "other"}
+        assert top() == {"big", "mid"}  # the incumbent keeps its place
+        pages = add_rows("small", 2500)
+        assert pages["small"] > pages["mid"] * 1.25
+        assert top() == {"big", "small"}
+    finally:
+        engine.close()

@@ -4,22 +4,18 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from functools import partial
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, cast
 
 from psycopg import sql as pgsql
 
 from exporter.catalog import Collector, Param, Rows, SqlVariant
 from exporter.collectors._helpers import gauge
-from exporter.db import CollectError, TargetDown, classify
+from exporter.db import CollectError
 
 if TYPE_CHECKING:
     from exporter.db import Session
     from exporter.hooks import RunContext
-
-T = TypeVar("T")
 
 TABLE = ("datname", "schemaname", "relname", "method")
 INDEX = ("datname", "schemaname", "relname", "indexrelname", "method")
@@ -29,39 +25,6 @@ INDEX = ("datname", "schemaname", "relname", "indexrelname", "method")
 #: reported as "model_mismatch" instead of as a number. Smaller negative figures are noise around zero
 #: and read as 0.
 MISMATCH_BELOW = -0.2
-
-# -- shared with the vacuum collectors ------------------------------------------------------------
-
-def without_jit(session: Session) -> None:
-    """Turn JIT off for the rest of this run's transaction."""
-    # Planner estimates on catalog joins are often off by orders of magnitude and cross jit_above_cost:
-    # compiling then took seconds (measured: 5 s) for a query that runs in a fraction of one.
-    session.query("SELECT pg_catalog.set_config('jit', 'off', true)")
-
-
-@contextmanager
-def savepoint(session: Session, name: str = "pgvitals") -> Iterator[None]:
-    """Run a block in a savepoint that is always rolled back: it undoes SET LOCAL and releases its locks."""
-    session.query(f"SAVEPOINT {name}")
-    try:
-        yield
-    finally:
-        session.query(f"ROLLBACK TO SAVEPOINT {name}")
-
-
-def try_in_savepoint(session: Session, work: Callable[[], T]) -> T | CollectError:
-    """``work()`` in a savepoint; a database error is returned (classified) instead of failing the run."""
-    try:
-        with savepoint(session):
-            return work()
-    except TargetDown:
-        raise
-    except Exception as exc:  # one relation's failure (lock_timeout, timeout, dropped meanwhile) is not the run's
-        error = classify(exc)
-        if isinstance(error, TargetDown):
-            raise error from exc
-        return error
-
 
 TOP_N = Param(
     "top_n", 20,
@@ -272,7 +235,6 @@ GROUP BY kind, status"""
 def fetch_estimate(session: Session, ctx: RunContext, sql: str | None) -> Rows:
     """Run the estimate and spread its rows over the table, index and relation-count metrics."""
     assert sql is not None
-    without_jit(session)
     params = {
         "top_n": max(0, int(ctx.params["top_n"])),
         "min_size_bytes": max(0, int(ctx.params["min_size_bytes"])),
@@ -406,19 +368,38 @@ UNION ALL
 SELECT NULL, kind, NULL, NULL, NULL, NULL, NULL, count(*) FROM rels WHERE scan_bytes > %(max_scan_bytes)s
 GROUP BY kind"""
 
-_LOCKED_SQL = """
-SELECT EXISTS (
-  SELECT 1 FROM pg_catalog.pg_locks l
-  WHERE l.locktype = 'relation' AND l.mode = 'AccessExclusiveLock'
-    AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname = pg_catalog.current_database())
-    AND l.relation IN (%(oid)s::oid, %(heap_oid)s::oid)) AS locked"""
 
-_SCHEMA_SQL = """
-SELECT n.nspname FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace
-WHERE e.extname = 'pgstattuple'"""
+class Candidate(TypedDict):
+    """A row of _CANDIDATES_SQL: a relation to measure (``oid`` set) or a count of those too large to."""
+
+    oid: int | None
+    kind: Literal["table", "index"]
+    schemaname: str | None
+    relname: str | None
+    indexrelname: str | None
+    heap_oid: int | None
+    fillfactor: float | None
+    too_large: int | None
 
 
-def table_bloat(measure: dict[str, Any], fillfactor: float) -> tuple[float, float] | None:
+class TableMeasure(TypedDict):
+    """The columns of pgstattuple_approx that the bloat figures use."""
+
+    table_len: int | None
+    approx_free_space: int | None
+    dead_tuple_len: int | None
+
+
+class IndexMeasure(TypedDict):
+    """The columns of pgstatindex that the bloat figures use."""
+
+    index_size: int | None
+    avg_leaf_density: float | None
+    leaf_pages: int | None
+    internal_pages: int | None
+
+
+def table_bloat(measure: TableMeasure, fillfactor: float) -> tuple[float, float] | None:
     """(bytes, ratio) from pgstattuple_approx: free space and dead tuples beyond the fillfactor's reserve."""
     size = float(measure["table_len"] or 0)
     if size <= 0:
@@ -428,7 +409,7 @@ def table_bloat(measure: dict[str, Any], fillfactor: float) -> tuple[float, floa
     return bloat, bloat / size
 
 
-def index_bloat(measure: dict[str, Any], fillfactor: float, block_size: int) -> tuple[float, float] | None:
+def index_bloat(measure: IndexMeasure, fillfactor: float, block_size: int) -> tuple[float, float] | None:
     """(bytes, ratio) from pgstatindex: the index size beyond its live leaf data repacked at the fillfactor."""
     size = float(measure["index_size"] or 0)
     density = measure["avg_leaf_density"]
@@ -440,27 +421,26 @@ def index_bloat(measure: dict[str, Any], fillfactor: float, block_size: int) -> 
     return bloat, bloat / size
 
 
-def _measure(session: Session, query: str, oid: int, timeout_ms: int) -> dict[str, Any] | None:
+def _measure(session: Session, query: pgsql.Composed, oid: int, timeout_ms: int) -> dict[str, Any] | None:
     """One pgstattuple call under its own statement_timeout (SET LOCAL: the savepoint's rollback undoes it)."""
     session.query("SELECT pg_catalog.set_config('statement_timeout', %(ms)s, true)", {"ms": str(timeout_ms)})
-    rows = session.query(query, {"oid": oid})
+    rows = session.query(query.as_string(session.conn), {"oid": oid})
     return rows[0] if rows else None
 
 
 def fetch_measured(session: Session, ctx: RunContext, _sql: str | None) -> Rows:
     """Measure the chosen relations one by one, each guarded; count what was skipped and why."""
     started = time.monotonic()
-    without_jit(session)
     params = ctx.params
-    candidates = session.query(_CANDIDATES_SQL, {
+    candidates = cast(list[Candidate], session.query(_CANDIDATES_SQL, {
         "relations": max(0, int(params["relations"])),
         "min_size_bytes": max(0, int(params["min_size_bytes"])),
         "max_scan_bytes": max(0, int(params["max_scan_bytes"])),
-    })
-    schema = session.query(_SCHEMA_SQL)[0]["nspname"]
+    }))
+    schema = ctx.extension_schema(session.dbname, "pgstattuple")
     block_size = int(session.query("SELECT pg_catalog.current_setting('block_size')::int AS bs")[0]["bs"])
-    approx = pgsql.SQL("SELECT * FROM {}.pgstattuple_approx(%(oid)s::oid::regclass)").format(pgsql.Identifier(schema))
-    statindex = pgsql.SQL("SELECT * FROM {}.pgstatindex(%(oid)s::oid::regclass)").format(pgsql.Identifier(schema))
+    approx = pgsql.SQL("SELECT * FROM {}.pgstattuple_approx(%(oid)s::oid::regclass)").format(schema)
+    statindex = pgsql.SQL("SELECT * FROM {}.pgstatindex(%(oid)s::oid::regclass)").format(schema)
     relation_timeout = float(params["relation_timeout_seconds"])
     budget = ctx.timeout * 0.8  # stop starting measurements well before the run's own timeout
     skipped: dict[tuple[str, str], int] = {}
@@ -472,32 +452,32 @@ def fetch_measured(session: Session, ctx: RunContext, _sql: str | None) -> Rows:
     for cand in candidates:
         kind = cand["kind"]
         if cand["oid"] is None:
-            skip(kind, "too_large", int(cand["too_large"]))
+            skip(kind, "too_large", int(cand["too_large"] or 0))
             continue
         remaining = budget - (time.monotonic() - started)
         if remaining <= 0.05:
             skip(kind, "budget")
             continue
-        ids = {"oid": cand["oid"], "heap_oid": cand["heap_oid"]}
-        if params["check_locks"] and session.query(_LOCKED_SQL, ids)[0]["locked"]:
+        heap_oid, fillfactor = cand["heap_oid"], cand["fillfactor"]
+        assert heap_oid is not None and fillfactor is not None  # set on every row that names a relation
+        # DDL on a table may rebuild its indexes: a lock on the table (or an index of it) skips both.
+        if params["check_locks"] and session.locked_tables([heap_oid]):
             skip(kind, "lock_conflict")
             continue
         timeout_ms = max(1, int(min(relation_timeout, remaining) * 1000))
         query = approx if kind == "table" else statindex
 
-        result = try_in_savepoint(session, partial(_measure, session, query.as_string(session.conn), cand["oid"],
-                                                     timeout_ms))
+        result = session.attempt(partial(_measure, session, query, cand["oid"], timeout_ms))
         if isinstance(result, CollectError):
             skip(kind, result.reason)
             continue
         if result is None:
             skip(kind, "missing_object")
             continue
-        fillfactor = float(cand["fillfactor"])
         if kind == "table":
-            figures, method = table_bloat(result, fillfactor), "pgstattuple_approx"
+            figures, method = table_bloat(cast(TableMeasure, result), fillfactor), "pgstattuple_approx"
         else:
-            figures, method = index_bloat(result, fillfactor, block_size), "pgstatindex"
+            figures, method = index_bloat(cast(IndexMeasure, result), fillfactor, block_size), "pgstatindex"
         if figures is None:
             skip(kind, "empty")
             continue

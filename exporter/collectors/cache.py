@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from exporter.catalog import Collector, Param, Rows, SqlVariant
 from exporter.collectors._helpers import counter
+from exporter.hooks import STICKINESS, query_top, sticky_rank
 
 if TYPE_CHECKING:
     from exporter.db import Session
@@ -16,20 +17,6 @@ TOP_N = Param(
     "Relations exported one by one, the largest first (pg_class.relpages, no relation lock); the rest "
     "are summed into one `relname=\"other\"` series per database.",
 )
-
-# An incumbent keeps its place until a newcomer is STICKY_NUM/STICKY_DEN (1.25x) larger, so that relations
-# of similar size do not swap in and out of the top at every VACUUM (each swap breaks two counters).
-# Integers: the sort key stays a bigint.
-STICKY_NUM, STICKY_DEN = 5, 4
-STICKINESS = STICKY_NUM / STICKY_DEN
-
-
-def _rank(oid: str, pages: str) -> str:
-    """row_number() by size, incumbents (oids in %(incumbents)s) weighted up, ties broken stably."""
-    incumbent = f"{oid}::bigint = ANY(%(incumbents)s::bigint[])"
-    return (f"pg_catalog.row_number() OVER (ORDER BY ({pages}) * CASE WHEN {incumbent} THEN {STICKY_NUM} "
-            f"ELSE {STICKY_DEN} END DESC, {incumbent} DESC, {oid})")
-
 
 # Size comes from pg_class.relpages (heap + TOAST + indexes), maintained by VACUUM/ANALYZE: reading it
 # takes no relation lock, so this never queues behind DDL. Ranking and remainder are one pass.
@@ -51,7 +38,7 @@ WITH ranked AS MATERIALIZED (
          pg_catalog.pg_stat_get_blocks_fetched(t.oid) - pg_catalog.pg_stat_get_blocks_hit(t.oid) AS toast_blks_read,
          pg_catalog.pg_stat_get_blocks_hit(t.oid) AS toast_blks_hit,
          ti.blks_read AS tidx_blks_read, ti.blks_hit AS tidx_blks_hit,
-         {_rank("c.oid", "c.relpages::bigint + COALESCE(t.relpages, 0) + COALESCE(i.pages, 0)")} AS rank
+         {sticky_rank("c.oid", "c.relpages::bigint + COALESCE(t.relpages, 0) + COALESCE(i.pages, 0)")} AS rank
   FROM pg_catalog.pg_class c
   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
   LEFT JOIN pg_catalog.pg_class t ON t.oid = c.reltoastrelid
@@ -77,7 +64,7 @@ FROM ranked WHERE rank > %(top_n)s"""
 _INDEXES_SQL = f"""
 WITH ranked AS MATERIALIZED (
   SELECT s.indexrelid, s.schemaname, s.relname, s.indexrelname, s.idx_blks_read, s.idx_blks_hit,
-         {_rank("s.indexrelid", "c.relpages::bigint")} AS rank
+         {sticky_rank("s.indexrelid", "c.relpages::bigint")} AS rank
   FROM pg_catalog.pg_statio_user_indexes s
   JOIN pg_catalog.pg_class c ON c.oid = s.indexrelid
 )
@@ -92,14 +79,7 @@ FROM ranked WHERE rank > %(top_n)s"""
 def fetch_top(session: Session, ctx: RunContext, sql: str | None) -> Rows:
     """Run the ranking query with last run's selection as incumbents, and remember this run's."""
     assert sql is not None
-    # A monitoring query has no use for JIT compilation (it cost more than the query at 10,000 tables)
-    # nor for parallel workers taken from the application's max_parallel_workers.
-    session.query("SELECT pg_catalog.set_config('jit', 'off', true), "
-                  "pg_catalog.set_config('max_parallel_workers_per_gather', '0', true)")
-    top_n = max(0, int(ctx.params["top_n"]))
-    rows = session.query(sql, {"top_n": top_n, "incumbents": list(ctx.state.get("incumbents", ()))})
-    ctx.state["incumbents"] = [row["relid"] for row in rows if row["relid"] is not None]
-    return list(rows)
+    return query_top(session, ctx, sql, {"top_n": max(0, int(ctx.params["top_n"]))})
 
 
 TABLE = ("datname", "schemaname", "relname")

@@ -1,4 +1,4 @@
-"""Database-wide statistics (pg_stat_database), server settings that matter, and connection counts."""
+"""Database-wide statistics (pg_stat_database) and the server settings that matter."""
 
 from __future__ import annotations
 
@@ -159,28 +159,4 @@ SETTINGS = Collector(
 )
 
 
-CONNECTIONS = Collector(
-    name="pg_connections",
-    family="connections",
-    help="Client sessions by database, role, application and state, from pg_stat_activity.",
-    interval=15.0,
-    timeout=5.0,
-    variants=(
-        SqlVariant(
-            min_version=120000,
-            sql="""
-SELECT a.datname, a.usename, pg_catalog.left(a.application_name, 64) AS application_name,
-       COALESCE(a.state, 'unknown') AS state, count(*) AS connections
-FROM pg_catalog.pg_stat_activity a
-WHERE a.backend_type = 'client backend'
-GROUP BY 1, 2, 3, 4""",
-        ),
-    ),
-    metrics=(
-        gauge("pg_connections",
-              "Client sessions by database, role, application_name (first 64 characters) and state.",
-              "connections", ("datname", "usename", "application_name", "state")),
-    ),
-)
-
-COLLECTORS = (STAT_DATABASE, SETTINGS, CONNECTIONS)
+COLLECTORS = (STAT_DATABASE, SETTINGS)

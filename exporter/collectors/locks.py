@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections import defaultdict, deque
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, cast
 
 from exporter.catalog import Collector, Rows, SqlVariant
 from exporter.collectors._helpers import gauge
@@ -102,7 +104,29 @@ UNION ALL
 SELECT 'clock', NULL, NULL, NULL, NULL, NULL, pg_catalog.date_part('epoch', pg_catalog.statement_timestamp()), NULL"""
 
 
-def bound_inexact_waits(rows: Rows, state: dict[str, Any]) -> Rows:
+class WaitRow(TypedDict):
+    """A row of the waits query: a waiting session, a blocker, a database to report, or the run's clock."""
+
+    kind: Literal["waiter", "blocker", "database", "clock"]
+    pid: int | None
+    datname: str | None
+    ours: bool | None
+    wait_seconds: float | None
+    exact: bool | None
+    query_start: float | None  # for "clock": the instant before pg_locks was read
+    blocked_by: list[int] | None
+
+
+@dataclass
+class DatabaseWaits:
+    """What pg_lock_waits reports for one database."""
+
+    waiting: int = 0
+    wait_max: float = 0.0
+    roots: int = 0
+
+
+def bound_inexact_waits(rows: Sequence[WaitRow], state: dict[str, Any]) -> Sequence[WaitRow]:
     """Tighten waits the server gives no start for (12-13; the first instant of a wait on 14+).
 
     Such a wait is measured from its statement's start, but if the previous run saw no wait for
@@ -113,46 +137,48 @@ def bound_inexact_waits(rows: Rows, state: dict[str, Any]) -> Rows:
     known: dict[tuple[int, float], float] = state.get("wait_bounds", {})
     bounds: dict[tuple[int, float], float] = {}
     for row in rows:
+        start = row["query_start"]
         if row["kind"] == "clock":
-            state["run_started"] = row["query_start"]
-        elif row["kind"] == "waiter" and not row["exact"] and row["query_start"] is not None:
-            key = (row["pid"], row["query_start"])
-            bound = known.get(key, max(row["query_start"], previous_run or row["query_start"]))
+            state["run_started"] = start
+        elif row["kind"] == "waiter" and not row["exact"] and start is not None and row["pid"] is not None:
+            key = (row["pid"], start)
+            bound = known.get(key, max(start, previous_run or start))
             bounds[key] = bound
-            row["wait_seconds"] = max(0.0, float(row["wait_seconds"]) - (bound - row["query_start"]))
+            row["wait_seconds"] = max(0.0, float(row["wait_seconds"] or 0) - (bound - start))
     state["wait_bounds"] = bounds
     return rows
 
 
 def lock_wait_summary(rows: Rows, ctx: RunContext) -> Rows:
     """The pg_lock_waits transform: bound inexact waits with what earlier runs saw, then summarize."""
-    return blocking_summary(bound_inexact_waits(rows, ctx.state), ctx)
+    return blocking_summary(bound_inexact_waits(cast(list[WaitRow], rows), ctx.state), ctx)
 
 
-def blocking_summary(rows: Rows, _ctx: RunContext | None = None) -> Rows:
+def blocking_summary(rows: Sequence[WaitRow], _ctx: RunContext | None = None) -> Rows:
     """Per-database waiting sessions, oldest wait and roots, and the largest group stuck behind one root."""
-    per_db: dict[str, dict[str, float]] = {}
+    per_db: dict[str, DatabaseWaits] = {}
 
-    def db(name: str) -> dict[str, float]:
-        return per_db.setdefault(name, {"waiting": 0, "wait_max": 0.0, "roots": 0})
+    def db(name: str) -> DatabaseWaits:
+        return per_db.setdefault(name, DatabaseWaits())
 
     session_db: dict[int, str] = {}
     waiters: dict[int, tuple[str, bool, list[int]]] = {}
     for row in rows:
+        pid = row["pid"]
         if row["kind"] == "database":
-            db(row["datname"])
-        elif row["kind"] == "blocker":
-            session_db[row["pid"]] = row["datname"] or ""
-        elif row["kind"] == "waiter":
+            db(row["datname"] or "")
+        elif row["kind"] == "blocker" and pid is not None:
+            session_db[pid] = row["datname"] or ""
+        elif row["kind"] == "waiter" and pid is not None:
             name = row["datname"] or ""
-            session_db[row["pid"]] = name
+            session_db[pid] = name
             # Duplicates (parallel workers) and the waiter itself (extension locks in a lock group) go.
-            blockers = sorted({p for p in row["blocked_by"] or () if p != row["pid"]})
-            waiters[row["pid"]] = (name, bool(row["ours"]), blockers)
+            blockers = sorted({p for p in row["blocked_by"] or () if p != pid})
+            waiters[pid] = (name, bool(row["ours"]), blockers)
             if not row["ours"]:
                 stats = db(name)
-                stats["waiting"] += 1
-                stats["wait_max"] = max(stats["wait_max"], float(row["wait_seconds"] or 0))
+                stats.waiting += 1
+                stats.wait_max = max(stats.wait_max, float(row["wait_seconds"] or 0))
 
     # Edges run from a blocker to the sessions it blocks. A root blocks others and waits for nothing.
     # PID 0 stands for prepared transactions: roots in the database of the session they block.
@@ -167,7 +193,7 @@ def blocking_summary(rows: Rows, _ctx: RunContext | None = None) -> Rows:
         first_blocked = blocks[(blocker, where)][0]
         # A root that left pg_stat_activity since pg_locks was read counts where its victim is.
         root_db = where if blocker == 0 else session_db.get(blocker, waiters[first_blocked][0])
-        db(root_db)["roots"] += 1
+        db(root_db).roots += 1
         # Everyone who waits on this root, directly or behind another waiter, is stuck behind it.
         seen: set[int] = set()
         queue = deque(blocks[(blocker, where)])
@@ -180,7 +206,7 @@ def blocking_summary(rows: Rows, _ctx: RunContext | None = None) -> Rows:
         max_blocked = max(max_blocked, sum(1 for pid in seen if not waiters[pid][1]))
 
     out: Rows = [
-        {"datname": name, "waiting": s["waiting"], "wait_max": s["wait_max"], "roots": s["roots"]}
+        {"datname": name, "waiting": s.waiting, "wait_max": s.wait_max, "roots": s.roots}
         for name, s in sorted(per_db.items())
     ]
     out.append({"max_blocked": max_blocked})

@@ -1,4 +1,4 @@
-"""Connection limits and application pools: which pool each client session belongs to, against its capacity."""
+"""Client sessions by database, role and application, and by application pool against its capacity."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import fnmatch
 import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 from exporter.catalog import Collector, Rows, SqlVariant
 from exporter.collectors._helpers import gauge
@@ -103,19 +103,49 @@ def assign_pool(matchers: Sequence[PoolMatcher], application_name: str | None, u
     return UNMATCHED
 
 
-def count_pools(rows: Rows, ctx: RunContext) -> Rows:
-    """Session groups to per-pool counts by state, zero-filled, plus one capacity row per applicable pool."""
-    matchers = pools_for(ctx.target, ctx.settings.pools)
+class SessionGroup(TypedDict):
+    """Client sessions that share database, role, application_name, address and state (one row of the scan)."""
+
+    datname: str | None
+    usename: str | None
+    application_name: str | None
+    client_addr: str | None
+    state: str
+    connections: int
+
+
+#: pg_connections cuts application_name to this many characters: a label, not a free-text field.
+APPLICATION_NAME_LABEL_LENGTH = 64
+
+
+def connection_counts(groups: Sequence[SessionGroup]) -> Rows:
+    """Session counts by database, role, application_name (shortened) and state, for pg_connections."""
+    counts: dict[tuple[str | None, str | None, str | None, str], int] = {}
+    for group in groups:
+        application = group["application_name"]
+        if application is not None:
+            application = application[:APPLICATION_NAME_LABEL_LENGTH]
+        key = (group["datname"], group["usename"], application, group["state"])
+        counts[key] = counts.get(key, 0) + int(group["connections"])
+    return [
+        {"datname": datname, "usename": usename, "application_name": application, "state": state,
+         "connections": count}
+        for (datname, usename, application, state), count in counts.items()
+    ]
+
+
+def pool_counts(groups: Sequence[SessionGroup], matchers: Sequence[PoolMatcher]) -> Rows:
+    """Per-pool counts by state, zero-filled, plus one capacity row per applicable pool."""
     counts: dict[tuple[str, str], int] = {}
     for name in [*(m.name for m in matchers), UNMATCHED]:
         for state in BASE_STATES:
             counts[(name, state)] = 0
-    for row in rows:
-        pool = assign_pool(matchers, row["application_name"], row["usename"], row["client_addr"])
-        key = (pool, str(row["state"]))
-        counts[key] = counts.get(key, 0) + int(row["connections"])
+    for group in groups:
+        pool = assign_pool(matchers, group["application_name"], group["usename"], group["client_addr"])
+        key = (pool, group["state"])
+        counts[key] = counts.get(key, 0) + int(group["connections"])
     out: list[dict[str, Any]] = [
-        {"pool": pool, "state": state, "connections": value} for (pool, state), value in counts.items()
+        {"pool": pool, "state": state, "pool_connections": value} for (pool, state), value in counts.items()
     ]
     # A pool declared twice under one name would duplicate its capacity series: the first one counts.
     capacities: dict[str, int] = {}
@@ -125,45 +155,55 @@ def count_pools(rows: Rows, ctx: RunContext) -> Rows:
     return out
 
 
-POOLS = Collector(
-    name="pg_pools",
+def count_sessions(rows: Rows, ctx: RunContext) -> Rows:
+    """One scan of pg_stat_activity, counted twice: by database/role/application/state, and by pool."""
+    groups = cast(list[SessionGroup], rows)
+    return [*connection_counts(groups), *pool_counts(groups, pools_for(ctx.target, ctx.settings.pools))]
+
+
+CONNECTIONS = Collector(
+    name="pg_connections",
     family="connections",
-    help="Client sessions assigned to the application pools declared under `pools:`, by state, "
-         "with each pool's capacity.",
+    help="Client sessions from pg_stat_activity: by database, role, application and state, and by the "
+         "application pools declared under `pools:` with each pool's capacity.",
     interval=15.0,
     timeout=5.0,
     variants=(
         SqlVariant(
             min_version=120000,
-            # Grouped server-side: hundreds of sessions become a few rows; matching happens in Python
-            # (globs and CIDR ranges from the config never reach the SQL).
+            # Grouped server-side: hundreds of sessions become a few rows. Both counts come from this one
+            # scan, so they always add up; pool matching happens in Python (globs and CIDR ranges from the
+            # config never reach the SQL).
             sql="""
-SELECT a.application_name, a.usename, pg_catalog.host(a.client_addr) AS client_addr,
+SELECT a.datname, a.usename, a.application_name, pg_catalog.host(a.client_addr) AS client_addr,
        COALESCE(a.state, 'unknown') AS state, count(*) AS connections
 FROM pg_catalog.pg_stat_activity a
 WHERE a.backend_type = 'client backend'
-GROUP BY 1, 2, 3, 4""",
+GROUP BY 1, 2, 3, 4, 5""",
         ),
     ),
-    transform=count_pools,
+    transform=count_sessions,
     metrics=(
+        gauge("pg_connections",
+              "Client sessions by database, role, application_name (first 64 characters) and state.",
+              "connections", ("datname", "usename", "application_name", "state")),
         gauge("pg_pool_connections",
               "Client sessions of each application pool declared under `pools:` by state (first matching pool "
               "wins, in config order); sessions matching no pool count under pool=\"unmatched\". "
               "Compare sum by (pool) with pg_pool_capacity.",
-              "connections", ("pool", "state")),
+              "pool_connections", ("pool", "state")),
         gauge("pg_pool_capacity",
               "Declared capacity of the application pool (e.g. SQLAlchemy pool_size + max_overflow, "
               "SQLx max_connections).",
               "capacity", ("pool",)),
     ),
-    notes="Matching: every criterion a pool gives must hold: `application_name` and `usename` are "
+    notes="Pool matching: every criterion a pool gives must hold: `application_name` and `usename` are "
           "case-sensitive shell globs, `client_addr` a CIDR range (Unix-socket sessions have no address "
           "and never match a range). The exporter's own sessions are real connections: they count under "
           "the pool their application_name (default `pgvitals`) matches, usually `unmatched`. Needs "
           "pg_monitor (pg_read_all_stats): without it other roles' state and client_addr are hidden, so "
           "their sessions show as state=\"unknown\" and never match a CIDR pool. Pools listing `targets` "
-          "apply only to those targets.",
+          "apply only to those targets. Without `pools:` every session counts under pool=\"unmatched\".",
 )
 
-COLLECTORS = (CONNECTIONS_MAX, POOLS)
+COLLECTORS = (CONNECTIONS_MAX, CONNECTIONS)

@@ -13,8 +13,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from exporter.catalog import Collector, Param, Row, Rows, SqlVariant
+from psycopg import sql as pgsql
+
+from exporter.catalog import VERSION_INFINITY, Collector, Param, Row, Rows, SqlVariant
 from exporter.collectors._helpers import MS, counter, gauge
+from exporter.db import CollectError
 
 if TYPE_CHECKING:
     from exporter.db import Session
@@ -309,24 +312,21 @@ def read_texts(session: Session, ctx: RunContext, state: StatementState, chosen:
     missing = [k for k in wanted if k not in state.texts]
     if not missing or ctx.facts is None:
         return
-    schema = ctx.facts.extensions.get(session.dbname, {}).get(EXTENSION, ("public", 0))[0]
+    schema = ctx.extension_schema(session.dbname, EXTENSION)
     length = min(int(ctx.params["query_text_length"]), MAX_TEXT_LENGTH)
+    query = pgsql.SQL(_TEXT_SQL).format(ext_schema=schema).as_string(session.conn)
     # The text read loads the whole query text file server-side: done only when the shown set changes,
     # under the run's statement_timeout, and in a savepoint so that its failure leaves the numbers intact.
-    session.query("SAVEPOINT pgvitals_query_text")
-    try:
-        rows = session.query(_TEXT_SQL.replace("{ext_schema}", '"' + schema.replace('"', '""') + '"'), {
-            "fetch_length": max(length * 4, length + 64),
-            "dbid": [k[0] for k in missing], "userid": [k[1] for k in missing], "queryid": [k[2] for k in missing],
-        })
-    except Exception as exc:
-        session.query("ROLLBACK TO SAVEPOINT pgvitals_query_text")
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    rows = session.attempt(lambda: session.query(query, {
+        "fetch_length": max(length * 4, length + 64),
+        "dbid": [k[0] for k in missing], "userid": [k[1] for k in missing], "queryid": [k[2] for k in missing],
+    }))
+    if isinstance(rows, CollectError):
+        message = str(rows)
         if state.text_failure != message:
             log.warning("pg_stat_statements on %s: query text not read (%s)", ctx.target, message)
         state.text_failure = message
         return
-    session.query("RELEASE SAVEPOINT pgvitals_query_text")
     state.text_failure = None
     for row in rows:
         state.texts[key_of(row)] = clean_text(str(row["query"] or ""), length)
@@ -356,7 +356,7 @@ def fetch(session: Session, ctx: RunContext, sql: str | None) -> Rows:
     return out
 
 
-def _variant(raw: str, info: str, low: int, high: int = 10**9) -> SqlVariant:
+def _variant(raw: str, info: str, low: int, high: int = VERSION_INFINITY) -> SqlVariant:
     return SqlVariant(sql=_statements_sql(raw, info), min_version=low, max_version=high)
 
 

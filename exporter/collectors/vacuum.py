@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict, cast
 
 from exporter.catalog import Collector, Param, Rows, SqlVariant
 from exporter.collectors._helpers import MS, counter, gauge
-from exporter.collectors.bloat import try_in_savepoint, without_jit
 from exporter.db import CollectError
+from exporter.hooks import INCUMBENTS, STICKINESS, query_top, sticky_rank
 
 if TYPE_CHECKING:
     from exporter.db import Session
@@ -26,10 +26,6 @@ TOP_N_CHURN = Param(
     "Also exported: the tables with the most rows updated and deleted since statistics were reset (where "
     "dead tuples come from), however small.",
 )
-
-# An incumbent keeps its place until a newcomer is this much larger (or busier), so that tables of
-# similar size do not swap in and out of the top at every VACUUM (each swap breaks counters).
-STICKINESS = 1.25
 
 _COUNTS = "s.vacuum_count, s.autovacuum_count, s.analyze_count, s.autoanalyze_count"
 _TIMES_NULL = ("NULL::float8 AS total_vacuum_time, NULL::float8 AS total_autovacuum_time, "
@@ -49,18 +45,15 @@ WITH index_pages AS (
          s.n_live_tup, s.n_dead_tup, s.n_mod_since_analyze, {ins_since_vacuum},
          s.last_vacuum, s.last_autovacuum, s.last_analyze, s.last_autoanalyze, {_COUNTS}, {times},
          c.relpages::bigint + COALESCE(t.relpages, 0) + COALESCE(i.pages, 0) AS pages,
-         s.n_tup_upd + s.n_tup_del AS churn,
-         s.relid::bigint = ANY(%(incumbents)s::bigint[]) AS incumbent
+         s.n_tup_upd + s.n_tup_del AS churn
   FROM pg_catalog.pg_stat_user_tables s
   JOIN pg_catalog.pg_class c ON c.oid = s.relid
   LEFT JOIN pg_catalog.pg_class t ON t.oid = c.reltoastrelid
   LEFT JOIN index_pages i ON i.indrelid = s.relid
 ), ranked AS MATERIALIZED (
   SELECT b.*,
-         pg_catalog.row_number() OVER (ORDER BY b.pages * CASE WHEN b.incumbent THEN {STICKINESS} ELSE 1 END DESC,
-                                       b.incumbent DESC, b.relid) <= %(top_n)s
-         OR pg_catalog.row_number() OVER (ORDER BY b.churn * CASE WHEN b.incumbent THEN {STICKINESS} ELSE 1 END DESC,
-                                          b.incumbent DESC, b.relid) <= %(top_n_churn)s AS top
+         {sticky_rank("b.relid", "b.pages")} <= %(top_n)s
+         OR {sticky_rank("b.relid", "b.churn")} <= %(top_n_churn)s AS top
   FROM base b
 )
 SELECT relid::bigint AS relid, schemaname, relname, n_live_tup, n_dead_tup, n_mod_since_analyze, n_ins_since_vacuum,
@@ -89,17 +82,6 @@ SELECT NULL, '', 'other', COALESCE(sum(n_live_tup) FILTER (WHERE NOT top), 0)::b
 FROM ranked"""
 
 
-# Tables (of those chosen) with an ACCESS EXCLUSIVE lock held or requested on them, their TOAST table or
-# an index: pg_relation_size / pg_total_relation_size would wait for it.
-_LOCKED_SQL = """
-SELECT DISTINCT COALESCE(x.indrelid, owner.oid, l.relation)::bigint AS relid
-FROM pg_catalog.pg_locks l
-LEFT JOIN pg_catalog.pg_index x ON x.indexrelid = l.relation
-LEFT JOIN pg_catalog.pg_class owner ON owner.reltoastrelid = l.relation
-WHERE l.locktype = 'relation' AND l.mode = 'AccessExclusiveLock'
-  AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname = pg_catalog.current_database())
-  AND COALESCE(x.indrelid, owner.oid, l.relation) = ANY(%(relids)s::oid[])"""
-
 # These take an ACCESS SHARE lock per relation (released right after); lock_timeout bounds the wait.
 _SIZES_SQL = """
 SELECT r.relid::bigint AS relid, pg_catalog.pg_relation_size(r.relid) AS relation_size,
@@ -107,20 +89,32 @@ SELECT r.relid::bigint AS relid, pg_catalog.pg_relation_size(r.relid) AS relatio
 FROM pg_catalog.unnest(%(relids)s::oid[]) AS r(relid)"""
 
 
-def _sizes(session: Session, relids: list[int]) -> dict[int, dict[str, int]]:
+class Sizes(TypedDict):
+    """One table's sizes, as _SIZES_SQL returns them."""
+
+    relid: int
+    relation_size: int | None
+    total_relation_size: int | None
+
+
+def _sizes(session: Session, relids: list[int]) -> dict[int, Sizes]:
     """Sizes of the given tables; one that cannot be measured now (lock, dropped) is left out."""
     if not relids:
         return {}
-    locked = {row["relid"] for row in session.query(_LOCKED_SQL, {"relids": relids})}
+    locked = session.locked_tables(relids)
     wanted = [r for r in relids if r not in locked]
-    batch = try_in_savepoint(session, lambda: session.query(_SIZES_SQL, {"relids": wanted}))
+
+    def read(ids: list[int]) -> list[Sizes]:
+        return cast(list[Sizes], session.query(_SIZES_SQL, {"relids": ids}))
+
+    batch = session.attempt(partial(read, wanted))
     if isinstance(batch, CollectError):
         if batch.reason != "lock_timeout":
             return {}  # no sizes this run (the run's other series stand)
         # One relation's lock (taken by DDL after the pg_locks check) made the batch give up: go one by one.
         batch = []
         for relid in wanted:
-            one = try_in_savepoint(session, partial(session.query, _SIZES_SQL, {"relids": [relid]}))
+            one = session.attempt(partial(read, [relid]))
             if not isinstance(one, CollectError):
                 batch.extend(one)
     return {row["relid"]: row for row in batch if row["relation_size"] is not None}
@@ -129,21 +123,17 @@ def _sizes(session: Session, relids: list[int]) -> dict[int, dict[str, int]]:
 def fetch_tables(session: Session, ctx: RunContext, sql: str | None) -> Rows:
     """Rank with last run's selection as incumbents, then add sizes for the chosen tables."""
     assert sql is not None
-    without_jit(session)
-    rows = session.query(sql, {
+    rows = query_top(session, ctx, sql, {
         "top_n": max(0, int(ctx.params["top_n"])),
         "top_n_churn": max(0, int(ctx.params["top_n_churn"])),
-        "incumbents": list(ctx.state.get("incumbents", ())),
     })
-    chosen = [row["relid"] for row in rows if row["relid"] is not None]
-    ctx.state["incumbents"] = chosen
-    sizes = _sizes(session, chosen)
+    sizes = _sizes(session, list(ctx.state[INCUMBENTS]))
     for row in rows:
         size = sizes.get(row["relid"])
         if size is not None:
             row["relation_size"] = size["relation_size"]
             row["total_relation_size"] = size["total_relation_size"]
-    return list(rows)
+    return rows
 
 
 _OTHER = " The relname=\"other\" series sums the tables not exported one by one."

@@ -35,9 +35,6 @@ FROM (SELECT COALESCE(sum(f.size), 0) AS size_bytes,
 )
 
 
-_CHECKPOINTER_COLUMNS = ("num_timed", "num_requested", "num_done", "restartpoints_timed", "restartpoints_req",
-                         "restartpoints_done", "write_time", "sync_time", "buffers_written", "slru_written")
-
 CHECKPOINTER = Collector(
     name="pg_stat_checkpointer",
     family="wal",
