@@ -71,7 +71,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from exporter.daemon import Daemon
 
     settings = _settings(args)
-    setup_logging(settings.log.level, settings.log.format)
+    setup_logging(args.log_level or settings.log.level, settings.log.format)
     Daemon(settings).run_forever()
     return 0
 

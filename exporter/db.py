@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import threading
@@ -326,10 +327,11 @@ FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid = e.extna
 
 
 def extension_version_number(text: str) -> int:
-    """``1.10`` -> 110, ``1.7`` -> 107: comparable extension versions."""
-    major, _, minor = text.partition(".")
-    digits = "".join(ch for ch in minor if ch.isdigit()) or "0"
-    return int(major) * 100 + int(digits)
+    """``1.10`` -> 110, ``1.7`` -> 107, ``1.4.1`` -> 104: comparable extension versions (patch level ignored)."""
+    major, _, rest = text.partition(".")
+    # Only the leading digits of the minor: "4.1" (a patch level) or "0beta" (a pre-release) add nothing.
+    minor = "".join(itertools.takewhile(str.isdigit, rest)) or "0"
+    return int(major) * 100 + int(minor)
 
 
 def read_facts(session: Session) -> Facts:
