@@ -6,7 +6,6 @@ import itertools
 import os
 import socket
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
@@ -103,7 +102,6 @@ class Session:
         self.conn = conn
         self.dbname = dbname
         self.pgbouncer = pgbouncer
-        self.queries = 0
 
     @contextmanager
     def guarded(self, timeout: float, lock_timeout: float, writes: bool = False) -> Iterator[Session]:
@@ -172,7 +170,6 @@ class Session:
 
     def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[Row]:
         """Run one statement and return its rows as dicts."""
-        self.queries += 1
         with self.conn.cursor() as cur:
             cur.execute(sql, params, prepare=False)
             if cur.description is None:
@@ -294,12 +291,6 @@ class Facts:
     preload_libraries: frozenset[str]
     # dbname -> {extension name: (schema, version as major*100+minor)}
     extensions: dict[str, dict[str, tuple[str, int]]] = field(default_factory=dict)
-    checked_at: float = field(default_factory=time.time)
-
-    @property
-    def major(self) -> int:
-        """The major version (12, 13, ... 18)."""
-        return self.version_num // 10000
 
 
 FACTS_SQL = """
