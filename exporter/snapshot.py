@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections import defaultdict
@@ -16,7 +17,7 @@ from exporter.exposition import assemble, format_value, label_text
 
 @dataclass(frozen=True)
 class CollectorStatus:
-    """What the self-metrics say about one collector on one target (a copy: reading never changes it)."""
+    """What the self-metrics say about one collector on one target; replaced, never changed, on each run."""
 
     success: bool | None = None
     duration: float = 0.0
@@ -24,29 +25,8 @@ class CollectorStatus:
     data_time: float | None = None
     series: int = 0
     skipped: str | None = None
-    errors: Mapping[str, int] = field(default_factory=dict)
+    errors: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     runs: int = 0
-
-
-@dataclass
-class _CollectorRecord:
-    """The snapshot's own, mutable record behind a CollectorStatus; changed only under the snapshot's lock."""
-
-    success: bool | None = None
-    duration: float = 0.0
-    last_success: float | None = None
-    data_time: float | None = None
-    series: int = 0
-    skipped: str | None = None
-    errors: dict[str, int] = field(default_factory=dict)
-    runs: int = 0
-
-    def frozen(self) -> CollectorStatus:
-        return CollectorStatus(
-            success=self.success, duration=self.duration, last_success=self.last_success,
-            data_time=self.data_time, series=self.series, skipped=self.skipped,
-            errors=MappingProxyType(dict(self.errors)), runs=self.runs,
-        )
 
 
 @dataclass
@@ -55,14 +35,14 @@ class _TargetRecord:
 
     prefix: str
     up: bool | None = None
-    collectors: dict[str, _CollectorRecord] = field(default_factory=dict)
+    collectors: dict[str, CollectorStatus] = field(default_factory=dict)
     is_pgbouncer: bool = False
 
 
 class Snapshot:
     """Thread-safe store of pre-rendered sample lines plus the status behind the self-metrics.
 
-    It is the only writer of collector status: the engine reports runs and skips, readers get copies.
+    It is the only writer of collector status: the engine reports runs and skips, readers get immutable values.
     """
 
     def __init__(self, catalog: Catalog, version: str):
@@ -82,10 +62,9 @@ class Snapshot:
             self._targets[name] = _TargetRecord(prefix=prefix, is_pgbouncer=is_pgbouncer)
 
     def status(self, target: str, collector: str) -> CollectorStatus | None:
-        """A copy of the status of a collector on a target; None before its first run or skip."""
+        """The status of a collector on a target (immutable); None before its first run or skip."""
         with self._lock:
-            record = self._targets[target].collectors.get(collector)
-            return None if record is None else record.frozen()
+            return self._targets[target].collectors.get(collector)
 
     def record_skip(self, target: str, collector: str, reason: str, counts_as_run: bool = False,
                     duration: float = 0.0) -> str | None:
@@ -94,14 +73,14 @@ class Snapshot:
         ``counts_as_run`` when the collector ran and found it does not apply (e.g. no database has the extension).
         """
         with self._lock:
-            record = self._targets[target].collectors.setdefault(collector, _CollectorRecord())
-            previous = record.skipped
-            if counts_as_run:
-                record.runs += 1
-                record.duration = duration
-            record.skipped = reason
+            statuses = self._targets[target].collectors
+            old = statuses.get(collector) or CollectorStatus()
+            statuses[collector] = dataclasses.replace(
+                old, skipped=reason, runs=old.runs + 1 if counts_as_run else old.runs,
+                duration=duration if counts_as_run else old.duration,
+            )
             self._drop_locked(target, collector)
-            return previous
+            return old.skipped
 
     def record_run(
         self, target: str, collector: str, *, duration: float, finished: float, series: int,
@@ -113,26 +92,22 @@ class Snapshot:
         no lines leaves nothing served: stale series are never served as if fresh.
         """
         failed = list(failures)
+        served = bool(results) or not failed
         with self._lock:
-            record = self._targets[target].collectors.setdefault(collector, _CollectorRecord())
-            record.runs += 1
-            record.duration = duration
-            record.skipped = None
+            statuses = self._targets[target].collectors
+            old = statuses.get(collector) or CollectorStatus()
+            errors = dict(old.errors)
             for reason in failed:
-                record.errors[reason] = record.errors.get(reason, 0) + 1
-            record.success = not failed
-            record.series = series
-            if results or not failed:
-                if not failed:
-                    record.last_success = finished
-                record.data_time = finished
-                if results:
-                    self._results[(target, collector)] = results
-                else:
-                    self._results.pop((target, collector), None)
+                errors[reason] = errors.get(reason, 0) + 1
+            statuses[collector] = dataclasses.replace(
+                old, runs=old.runs + 1, duration=duration, skipped=None, errors=MappingProxyType(errors),
+                success=not failed, series=series, last_success=old.last_success if failed else finished,
+                data_time=finished if served else None,
+            )
+            if results:
+                self._results[(target, collector)] = results
                 self._data_body = None
             else:
-                record.data_time = None
                 self._drop_locked(target, collector)
 
     def set_up(self, target: str, up: bool) -> None:
@@ -142,8 +117,9 @@ class Snapshot:
             if not up:
                 for key in [k for k in self._results if k[0] == target]:
                     del self._results[key]
-                for status in self._targets[target].collectors.values():
-                    status.data_time = None
+                statuses = self._targets[target].collectors
+                for name, status in statuses.items():
+                    statuses[name] = dataclasses.replace(status, data_time=None)
                 self._data_body = None
 
     def replace(self, target: str, collector: str, per_database: dict[str, dict[str, bytes]]) -> None:

@@ -40,7 +40,7 @@ def test_reading_a_status_creates_nothing() -> None:
     assert "pgvitals_collector_success" not in _families(before)
 
 
-def test_a_status_is_a_copy_that_cannot_be_changed() -> None:
+def test_a_status_is_immutable_and_later_runs_leave_it_alone() -> None:
     snapshot = _snapshot()
     lines = {"": {"c_value": f"c_value{{{PREFIX}}} 1\n".encode()}}
     snapshot.record_run("main", "c", duration=0.5, finished=90.0, series=1, failures=["timeout"], results=lines)
