@@ -147,7 +147,7 @@ def _bloat(prefix: str, ratio: float, min_bytes: int) -> str:
 
 def _stale_expr(settings: Settings) -> str:
     """Data age above ``intervals`` times each collector's effective interval (collectors grouped by interval)."""
-    from exporter.engine import effective_collectors
+    from exporter.planner import effective_collectors
 
     factor = settings.alerts.collector_stale.intervals
     by_interval: dict[float, list[str]] = defaultdict(list)

@@ -12,7 +12,7 @@ import pkgutil
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 if TYPE_CHECKING:
     from exporter.db import Session
@@ -22,6 +22,9 @@ MetricKind = Literal["counter", "gauge", "info"]
 Scope = Literal["server", "database"]
 Role = Literal["any", "primary", "standby"]
 TargetKind = Literal["postgres", "pgbouncer"]
+#: Why a collector does not run on a target; the ``reason`` of ``pgvitals_collector_skipped``.
+SkipReason = Literal["version", "role", "extension", "preload"]
+SKIP_REASONS: tuple[SkipReason, ...] = get_args(SkipReason)
 
 Row = dict[str, Any]
 Rows = list[Row]
@@ -156,60 +159,61 @@ def _self_metric(name: str, kind: MetricKind, help_: str, labels: tuple[str, ...
     return MetricSpec(name=name, kind=kind, help=help_, labels=labels, unit=unit)
 
 
-#: Metrics the engine itself yields about targets and collectors.
+#: Metrics the engine itself yields about targets and collectors (the snapshot renders them from these).
+PG_UP = _self_metric("pg_up", "gauge", "1 when the last connection attempt to the PostgreSQL target succeeded, "
+                     "0 when it failed; absent before the first.", ())
+PGBOUNCER_UP = _self_metric("pgbouncer_up", "gauge", "1 when the last connection to the PgBouncer admin console "
+                            "succeeded, 0 when it failed; absent before the first.", ())
+COLLECTOR_SUCCESS = _self_metric(
+    "pgvitals_collector_success",
+    "gauge",
+    "1 when the collector's last run succeeded on every database it covers, 0 when it failed.",
+    ("collector",),
+)
+COLLECTOR_DURATION = _self_metric(
+    "pgvitals_collector_duration_seconds",
+    "gauge",
+    "Wall time of the collector's last run.",
+    ("collector",),
+    "seconds",
+)
+COLLECTOR_LAST_SUCCESS = _self_metric(
+    "pgvitals_collector_last_success_timestamp_seconds",
+    "gauge",
+    "Unix time of the collector's last successful run; time() minus this is the age of its data.",
+    ("collector",),
+    "seconds",
+)
+COLLECTOR_ERRORS = _self_metric(
+    "pgvitals_collector_errors_total",
+    "counter",
+    "Failed runs of the collector (per database run for per-database collectors).",
+    ("collector", "reason"),
+)
+COLLECTOR_SERIES = _self_metric(
+    "pgvitals_collector_series",
+    "gauge",
+    "Series the collector's last successful run produced.",
+    ("collector",),
+)
+COLLECTOR_SKIPPED = _self_metric(
+    "pgvitals_collector_skipped",
+    "gauge",
+    f"1 when the collector does not apply to the target (reason: {', '.join(SKIP_REASONS)}).",
+    ("collector", "reason"),
+)
+COLLECTOR_DATA_AGE = _self_metric(
+    "pgvitals_collector_data_age_seconds",
+    "gauge",
+    "Seconds since the data served for this collector was collected.",
+    ("collector",),
+    "seconds",
+)
+BUILD_INFO = MetricSpec(name="pgvitals_build_info", kind="info", help="pgvitals build information (value 1).",
+                        labels=("version",), per_target=False)
 SELF_METRICS: tuple[MetricSpec, ...] = (
-    _self_metric("pg_up", "gauge", "1 when the last connection attempt to the PostgreSQL target succeeded, "
-                 "0 when it failed; absent before the first.", ()),
-    _self_metric("pgbouncer_up", "gauge", "1 when the last connection to the PgBouncer admin console succeeded, "
-                 "0 when it failed; absent before the first.", ()),
-    _self_metric(
-        "pgvitals_collector_success",
-        "gauge",
-        "1 when the collector's last run succeeded on every database it covers, 0 when it failed.",
-        ("collector",),
-    ),
-    _self_metric(
-        "pgvitals_collector_duration_seconds",
-        "gauge",
-        "Wall time of the collector's last run.",
-        ("collector",),
-        "seconds",
-    ),
-    _self_metric(
-        "pgvitals_collector_last_success_timestamp_seconds",
-        "gauge",
-        "Unix time of the collector's last successful run; time() minus this is the age of its data.",
-        ("collector",),
-        "seconds",
-    ),
-    _self_metric(
-        "pgvitals_collector_errors_total",
-        "counter",
-        "Failed runs of the collector (per database run for per-database collectors).",
-        ("collector", "reason"),
-    ),
-    _self_metric(
-        "pgvitals_collector_series",
-        "gauge",
-        "Series the collector's last successful run produced.",
-        ("collector",),
-    ),
-    _self_metric(
-        "pgvitals_collector_skipped",
-        "gauge",
-        "1 when the collector does not apply to the target (reason: version, role, extension, preload, "
-        "privilege, disabled).",
-        ("collector", "reason"),
-    ),
-    _self_metric(
-        "pgvitals_collector_data_age_seconds",
-        "gauge",
-        "Seconds since the data served for this collector was collected.",
-        ("collector",),
-        "seconds",
-    ),
-    MetricSpec(name="pgvitals_build_info", kind="info", help="pgvitals build information (value 1).",
-               labels=("version",), per_target=False),
+    PG_UP, PGBOUNCER_UP, COLLECTOR_SUCCESS, COLLECTOR_DURATION, COLLECTOR_LAST_SUCCESS, COLLECTOR_ERRORS,
+    COLLECTOR_SERIES, COLLECTOR_SKIPPED, COLLECTOR_DATA_AGE, BUILD_INFO,
 )
 
 

@@ -71,7 +71,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from exporter.daemon import Daemon
 
     settings = _settings(args)
-    setup_logging(settings.log.level, settings.log.format)
+    setup_logging(args.log_level or settings.log.level, settings.log.format)
     Daemon(settings).run_forever()
     return 0
 
@@ -139,24 +139,24 @@ def cmd_check(args: argparse.Namespace) -> int:
             engine.collect(runtime, eff)
             status = engine.snapshot.status(runtime.name, name)
             took = (time.monotonic() - started) * 1000
-            if status.skipped:
-                print(f"  {name:<32} cannot run here: {SKIP_REASONS.get(status.skipped, status.skipped)}"
+            if status is not None and status.skipped:
+                print(f"  {name:<32} cannot run here: {SKIP_EXPLANATIONS.get(status.skipped, status.skipped)}"
                       f"{_skip_detail(eff.collector, status.skipped, runtime)}")
-            elif status.success:
+            elif status is not None and status.success:
                 print(f"  {name:<32} ok ({status.series} series, {took:.0f} ms)")
             else:
-                errors = [text for key, text in runtime.last_errors.items() if key.startswith(name + "/")]
+                errors = [text for key, text in runtime.last_errors.items() if key.collector == name]
                 print(f"  {name:<32} FAILED: {'; '.join(errors) or 'see log'}")
     engine.close()
     return EXIT_UNREACHABLE if down else 0
 
 
-SKIP_REASONS = {
+#: What `check` says for each reason a collector is skipped (catalog.SKIP_REASONS, all of them).
+SKIP_EXPLANATIONS: dict[str, str] = {
     "version": "not available for this version",
     "role": "runs only on a",
     "extension": "extension not installed in this database",
     "preload": "library not in shared_preload_libraries",
-    "target_kind": "not for this kind of target",
 }
 
 

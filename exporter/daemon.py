@@ -16,7 +16,8 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from exporter import __version__, catalog
 from exporter.config import Settings
-from exporter.engine import Effective, Engine, TargetRuntime
+from exporter.engine import Engine, Probe, TargetRuntime
+from exporter.planner import Effective
 from exporter.server import MetricsServer
 from exporter.snapshot import Snapshot
 
@@ -31,7 +32,6 @@ class Daemon:
         self.catalog = catalog.load()
         self.snapshot = Snapshot(self.catalog, __version__)
         self.engine = Engine(self.catalog, settings, self.snapshot)
-        self.engine.on_up = self._target_up
         workers = settings.workers or min(64, 4 + 2 * len(self.engine.targets))
         self.scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(max_workers=workers)},
@@ -66,7 +66,8 @@ class Daemon:
 
     def _probe(self, runtime: TargetRuntime) -> None:
         try:
-            self.engine.probe(runtime)
+            if self.engine.probe(runtime) is Probe.CAME_UP:
+                self._target_up(runtime)
         finally:
             if not runtime.up and not self._stopped.is_set():
                 # Down: retry on the backoff schedule instead of the probe interval.
@@ -100,8 +101,8 @@ class Daemon:
                 continue
             waiting = [
                 eff.collector.name for eff in self.engine.applicable(runtime)
-                if (status := self.snapshot.status(runtime.name, eff.collector.name)).runs == 0
-                and not status.skipped
+                if (status := self.snapshot.status(runtime.name, eff.collector.name)) is None
+                or (status.runs == 0 and not status.skipped)
             ]
             if waiting:
                 pending.append(f"{runtime.name}: first collection running ({', '.join(waiting[:5])}...)")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager, suppress
@@ -103,7 +103,6 @@ class Session:
         self.conn = conn
         self.dbname = dbname
         self.pgbouncer = pgbouncer
-        self.queries = 0
 
     @contextmanager
     def guarded(self, timeout: float, lock_timeout: float, writes: bool = False) -> Iterator[Session]:
@@ -172,7 +171,6 @@ class Session:
 
     def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[Row]:
         """Run one statement and return its rows as dicts."""
-        self.queries += 1
         with self.conn.cursor() as cur:
             cur.execute(sql, params, prepare=False)
             if cur.description is None:
@@ -337,12 +335,6 @@ class Facts:
     preload_libraries: frozenset[str]
     # dbname -> {extension name: (schema, version as major*100+minor)}
     extensions: dict[str, dict[str, tuple[str, int]]] = field(default_factory=dict)
-    checked_at: float = field(default_factory=time.time)
-
-    @property
-    def major(self) -> int:
-        """The major version (12, 13, ... 18)."""
-        return self.version_num // 10000
 
 
 FACTS_SQL = """
@@ -370,10 +362,11 @@ FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid = e.extna
 
 
 def extension_version_number(text: str) -> int:
-    """``1.10`` -> 110, ``1.7`` -> 107: comparable extension versions."""
-    major, _, minor = text.partition(".")
-    digits = "".join(ch for ch in minor if ch.isdigit()) or "0"
-    return int(major) * 100 + int(digits)
+    """``1.10`` -> 110, ``1.7`` -> 107, ``1.4.1`` -> 104: comparable extension versions (patch level ignored)."""
+    major, _, rest = text.partition(".")
+    # Only the leading digits of the minor: "4.1" (a patch level) or "0beta" (a pre-release) add nothing.
+    minor = "".join(itertools.takewhile(str.isdigit, rest)) or "0"
+    return int(major) * 100 + int(minor)
 
 
 def read_facts(session: Session) -> Facts:

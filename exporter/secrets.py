@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 import threading
+from pathlib import Path
 from urllib.parse import quote
 
 _lock = threading.Lock()
@@ -31,3 +33,14 @@ def redact(text: str) -> str:
         if secret in text:
             text = text.replace(secret, "***")
     return text
+
+
+def read_secret(password_file: Path | None, password_env: str | None) -> str | None:
+    """The password from ``password_file`` (first) or ``password_env``, registered for redaction."""
+    password = None
+    if password_file is not None:
+        password = password_file.read_text(encoding="utf-8").rstrip("\r\n")
+    elif password_env is not None:
+        password = os.environ.get(password_env)
+    register(password)
+    return password

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-import gzip
+import dataclasses
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
-from exporter.catalog import Catalog
+from exporter import catalog
+from exporter.catalog import Catalog, MetricSpec
 from exporter.exposition import assemble, format_value, label_text
 
 
-@dataclass
+@dataclass(frozen=True)
 class CollectorStatus:
-    """What the self-metrics say about one collector on one target."""
+    """What the self-metrics say about one collector on one target; replaced, never changed, on each run."""
 
     success: bool | None = None
     duration: float = 0.0
@@ -22,13 +25,13 @@ class CollectorStatus:
     data_time: float | None = None
     series: int = 0
     skipped: str | None = None
-    errors: dict[str, int] = field(default_factory=dict)
+    errors: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     runs: int = 0
 
 
 @dataclass
-class TargetStatus:
-    """Liveness of one target, as the probe last saw it."""
+class _TargetRecord:
+    """Liveness of one target, as the probe last saw it, and its collectors' records."""
 
     prefix: str
     up: bool | None = None
@@ -37,7 +40,10 @@ class TargetStatus:
 
 
 class Snapshot:
-    """Thread-safe store of pre-rendered sample lines plus the status behind the self-metrics."""
+    """Thread-safe store of pre-rendered sample lines plus the status behind the self-metrics.
+
+    It is the only writer of collector status: the engine reports runs and skips, readers get immutable values.
+    """
 
     def __init__(self, catalog: Catalog, version: str):
         self._catalog = catalog
@@ -45,7 +51,7 @@ class Snapshot:
         self._lock = threading.Lock()
         # (target, collector) -> database ("" for server scope) -> metric name -> lines
         self._results: dict[tuple[str, str], dict[str, dict[str, bytes]]] = {}
-        self._targets: dict[str, TargetStatus] = {}
+        self._targets: dict[str, _TargetRecord] = {}
         self._data_body: bytes | None = None
         self._order = tuple(catalog.metrics())
         self._self_order = tuple(catalog.self_metrics)
@@ -53,20 +59,56 @@ class Snapshot:
     def add_target(self, name: str, prefix: str, is_pgbouncer: bool = False) -> None:
         """Register a target; its up series appears with the first probe."""
         with self._lock:
-            self._targets[name] = TargetStatus(prefix=prefix, is_pgbouncer=is_pgbouncer)
+            self._targets[name] = _TargetRecord(prefix=prefix, is_pgbouncer=is_pgbouncer)
 
-    def status(self, target: str, collector: str) -> CollectorStatus:
-        """The mutable status record of a collector on a target (created on first use)."""
+    def status(self, target: str, collector: str) -> CollectorStatus | None:
+        """The status of a collector on a target (immutable); None before its first run or skip."""
         with self._lock:
-            return self._targets[target].collectors.setdefault(collector, CollectorStatus())
+            return self._targets[target].collectors.get(collector)
 
-    def target(self, name: str) -> TargetStatus:
-        """The status record of a target."""
-        return self._targets[name]
+    def record_skip(self, target: str, collector: str, reason: str, counts_as_run: bool = False,
+                    duration: float = 0.0) -> str | None:
+        """The collector does not apply (``reason``): serve none of its lines; returns the previous reason.
 
-    def targets(self) -> dict[str, TargetStatus]:
-        """All targets' status records."""
-        return self._targets
+        ``counts_as_run`` when the collector ran and found it does not apply (e.g. no database has the extension).
+        """
+        with self._lock:
+            statuses = self._targets[target].collectors
+            old = statuses.get(collector) or CollectorStatus()
+            statuses[collector] = dataclasses.replace(
+                old, skipped=reason, runs=old.runs + 1 if counts_as_run else old.runs,
+                duration=duration if counts_as_run else old.duration,
+            )
+            self._drop_locked(target, collector)
+            return old.skipped
+
+    def record_run(
+        self, target: str, collector: str, *, duration: float, finished: float, series: int,
+        failures: Iterable[str], results: dict[str, dict[str, bytes]],
+    ) -> None:
+        """The outcome of one run: its lines (all of its databases at once) and the status behind them.
+
+        ``failures`` are the reason words of the databases whose run failed; a failed run that produced
+        no lines leaves nothing served: stale series are never served as if fresh.
+        """
+        failed = list(failures)
+        served = bool(results) or not failed
+        with self._lock:
+            statuses = self._targets[target].collectors
+            old = statuses.get(collector) or CollectorStatus()
+            errors = dict(old.errors)
+            for reason in failed:
+                errors[reason] = errors.get(reason, 0) + 1
+            statuses[collector] = dataclasses.replace(
+                old, runs=old.runs + 1, duration=duration, skipped=None, errors=MappingProxyType(errors),
+                success=not failed, series=series, last_success=old.last_success if failed else finished,
+                data_time=finished if served else None,
+            )
+            if results:
+                self._results[(target, collector)] = results
+                self._data_body = None
+            else:
+                self._drop_locked(target, collector)
 
     def set_up(self, target: str, up: bool) -> None:
         """Record the outcome of the last connection attempt; a down target serves no stale data."""
@@ -75,12 +117,13 @@ class Snapshot:
             if not up:
                 for key in [k for k in self._results if k[0] == target]:
                     del self._results[key]
-                for status in self._targets[target].collectors.values():
-                    status.data_time = None
+                statuses = self._targets[target].collectors
+                for name, status in statuses.items():
+                    statuses[name] = dataclasses.replace(status, data_time=None)
                 self._data_body = None
 
     def replace(self, target: str, collector: str, per_database: dict[str, dict[str, bytes]]) -> None:
-        """Swap in the lines of one collector run (all of its databases at once)."""
+        """Swap in the lines of one collector run (all of its databases at once), status untouched."""
         with self._lock:
             if per_database:
                 self._results[(target, collector)] = per_database
@@ -88,11 +131,9 @@ class Snapshot:
                 self._results.pop((target, collector), None)
             self._data_body = None
 
-    def drop(self, target: str, collector: str) -> None:
-        """Stop serving a collector's lines (it failed or no longer applies)."""
-        with self._lock:
-            if self._results.pop((target, collector), None) is not None:
-                self._data_body = None
+    def _drop_locked(self, target: str, collector: str) -> None:
+        if self._results.pop((target, collector), None) is not None:
+            self._data_body = None
 
     def render(self, now: float | None = None) -> bytes:
         """The whole exposition: cached collector data plus freshly computed self-metrics."""
@@ -110,38 +151,31 @@ class Snapshot:
         return data + own
 
     def _render_self(self, now: float) -> bytes:
+        """The self-metrics from the status records; called under the lock, so every record is consistent."""
         lines: dict[str, list[bytes]] = defaultdict(list)
 
-        def add(name: str, prefix: str, extra: str, value: float | int) -> None:
-            labels = ",".join(part for part in (prefix, extra) if part)
-            lines[name].append(f"{name}{{{labels}}} {format_value(value)}\n".encode())
+        def add(spec: MetricSpec, prefix: str, values: tuple[str, ...], value: float | int) -> None:
+            own = label_text(zip(spec.labels, values, strict=True))
+            labels = ",".join(part for part in (prefix, own) if part)
+            lines[spec.name].append(f"{spec.name}{{{labels}}} {format_value(value)}\n".encode())
 
-        add("pgvitals_build_info", "", label_text([("version", self._version)]), 1)
-        # Collector threads update these records while we read them: iterate over snapshots
-        # (list() of a dict view is taken without releasing the GIL).
-        for target in list(self._targets.values()):
+        add(catalog.BUILD_INFO, "", (self._version,), 1)
+        for target in self._targets.values():
             prefix = target.prefix
             if target.up is not None:  # before the first probe we know nothing: no series rather than a false 0
-                add("pgbouncer_up" if target.is_pgbouncer else "pg_up", prefix, "", 1 if target.up else 0)
-            for name, status in list(target.collectors.items()):
-                coll = label_text([("collector", name)])
+                add(catalog.PGBOUNCER_UP if target.is_pgbouncer else catalog.PG_UP, prefix, (), 1 if target.up else 0)
+            for name, status in target.collectors.items():
                 if status.skipped:
-                    add("pgvitals_collector_skipped", prefix, f'{coll},reason="{status.skipped}"', 1)
+                    add(catalog.COLLECTOR_SKIPPED, prefix, (name, status.skipped), 1)
                     continue
                 if status.success is not None:
-                    add("pgvitals_collector_success", prefix, coll, 1 if status.success else 0)
-                    add("pgvitals_collector_duration_seconds", prefix, coll, round(status.duration, 6))
-                    add("pgvitals_collector_series", prefix, coll, status.series)
+                    add(catalog.COLLECTOR_SUCCESS, prefix, (name,), 1 if status.success else 0)
+                    add(catalog.COLLECTOR_DURATION, prefix, (name,), round(status.duration, 6))
+                    add(catalog.COLLECTOR_SERIES, prefix, (name,), status.series)
                 if status.last_success is not None:
-                    add("pgvitals_collector_last_success_timestamp_seconds", prefix, coll,
-                        round(status.last_success, 3))
+                    add(catalog.COLLECTOR_LAST_SUCCESS, prefix, (name,), round(status.last_success, 3))
                 if status.data_time is not None:
-                    add("pgvitals_collector_data_age_seconds", prefix, coll, round(now - status.data_time, 3))
-                for reason, count in list(status.errors.items()):
-                    add("pgvitals_collector_errors_total", prefix, f'{coll},reason="{reason}"', count)
+                    add(catalog.COLLECTOR_DATA_AGE, prefix, (name,), round(now - status.data_time, 3))
+                for reason, count in status.errors.items():
+                    add(catalog.COLLECTOR_ERRORS, prefix, (name, reason), count)
         return assemble(self._self_order, lines)
-
-
-def gzip_body(body: bytes) -> bytes:
-    """Compress a body for clients that accept gzip (Prometheus does)."""
-    return gzip.compress(body, compresslevel=1)

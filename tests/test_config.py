@@ -135,7 +135,7 @@ def test_durations() -> None:
 def test_tuning_a_collector_keeps_its_default_switch() -> None:
     """An interval for a disabled-by-default collector does not enable it; `enabled` says so explicitly."""
     from exporter.catalog import load
-    from exporter.engine import effective_collectors
+    from exporter.planner import effective_collectors
 
     disabled = next(c.name for c in load().collectors if not c.enabled)
     enabled = next(c.name for c in load().collectors if c.enabled)

@@ -107,10 +107,11 @@ def test_readyz_names_the_unreachable_target(pg: Server, exporter_for) -> None:
 
 def test_a_scrape_never_queries_postgresql(pg: Server, exporter_for) -> None:
     """Count the statements the exporter's role ran, before and after many scrapes."""
-    long = {"interval": "1h", "timeout": "10s"}
+    # Every collector (and the probe) runs once at start, then not for an hour: no scheduled run can
+    # fall between the two counts, whatever the catalog's default intervals are.
     daemon = exporter_for(
         [_target(pg)], probe_interval="1h",
-        collectors={"pg_stat_database": long, "pg_settings": long, "pg_connections": long},
+        collectors={c.name: {"interval": "1h"} for c in load_catalog().collectors},
     )
     port = daemon.server.port
     wait_until(lambda: http_status(port, "/readyz")[0] == 200, timeout=30)
@@ -340,3 +341,24 @@ def test_two_targets_share_metric_families(pg: Server, exporter_for) -> None:
     metrics = scrape(port)  # parse_exposition asserts that no family is split or duplicated
     assert metrics.find("pg_stat_database_xact_commit_total", target="one", datname="postgres")
     assert metrics.find("pg_stat_database_xact_commit_total", target="two", env="test", datname="postgres")
+
+
+def test_an_extension_in_an_oddly_named_schema_is_read_there(pg: Server, fresh_db: str) -> None:
+    """The variant's ``{ext_schema}`` becomes the quoted schema the extension was installed in."""
+    schema = 'odd "schema"'
+    quoted = '"odd ""schema"""'
+    pg.execute(f"CREATE SCHEMA {quoted}; CREATE EXTENSION pg_stat_statements SCHEMA {quoted}; "
+               f"GRANT USAGE ON SCHEMA {quoted} TO {MONITOR_ROLE}", fresh_db)
+    catalog = load_catalog()
+    snapshot = Snapshot(catalog, __version__)
+    engine = Engine(catalog, settings_for([{"name": "main", "dsn": pg.dsn(fresh_db)}]), snapshot)
+    try:
+        runtime = engine.targets["main"]
+        assert engine.probe(runtime)
+        engine.collect(runtime, engine.collectors["pg_stat_statements"])
+        status = snapshot.status("main", "pg_stat_statements")
+        assert status is not None and status.success is True, runtime.last_errors
+        assert runtime.facts is not None and runtime.facts.extensions[fresh_db]["pg_stat_statements"][0] == schema
+        assert Metrics(snapshot.render().decode()).find("pg_stat_statements_calls_total", datname=fresh_db)
+    finally:
+        engine.close()
