@@ -22,36 +22,17 @@ from pydantic import (
     model_validator,
 )
 
+from exporter.durations import parse_duration
+
 DEFAULT_PORT = 9839  # postgres_exporter owns 9187; 9839 is free in Prometheus' port list
 DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_PORT}"
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-
-
-def parse_duration(value: Any) -> float:
-    """Seconds from a number or a string such as ``500ms``, ``30s``, ``5m``, ``1h``."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as 30s, 5m or a number of seconds")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str) and (match := _DURATION.match(value)):
-        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    else:
-        raise ValueError("expected a duration such as 30s, 5m or a number of seconds")
-    if seconds <= 0:
-        raise ValueError("must be a positive duration")
-    return seconds
-
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
 def _parse_pending(value: Any) -> float:
-    """Like parse_duration, but 0 is allowed: an alert with ``for: 0`` fires at its first evaluation."""
-    if value in (0, "0", "0s") and not isinstance(value, bool):
-        return 0.0
-    return parse_duration(value)
+    """A duration where 0 is allowed: an alert with ``for: 0`` fires at its first evaluation."""
+    return parse_duration(value, allow_zero=True)
 
 
 PendingDuration = Annotated[float, BeforeValidator(_parse_pending)]

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 
 from exporter.cli import main
-from exporter.config import ConfigError, load_settings, parse_duration
+from exporter.config import ConfigError, load_settings
+from exporter.dashboards.promql import duration
+from exporter.durations import format_duration, parse_duration
 
 GOOD_DSN = "postgresql://mon@127.0.0.1:5432/postgres"
 ONE = f"targets: [{{name: a, dsn: '{GOOD_DSN}'}}]\n"
@@ -127,9 +129,35 @@ def test_durations() -> None:
     assert parse_duration("500ms") == 0.5
     assert parse_duration("5m") == 300
     assert parse_duration(2) == 2.0
-    for bad in ("fast", True, "-1s", 0):
+    assert parse_duration("1m30s") == 90
+    assert parse_duration("2h15m") == 8100
+    assert parse_duration("1d") == 86400
+    assert parse_duration("1w2d") == 9 * 86400
+    assert parse_duration("1s500ms") == 1.5
+    assert parse_duration(" 45 ") == 45
+    assert parse_duration("0s", allow_zero=True) == 0
+    for bad in ("fast", True, "-1s", 0, "0s", "5s1m", "1m1m", "1m 30s", "m", "", None, "1y"):
         with pytest.raises(ValueError):
             parse_duration(bad)
+
+
+@pytest.mark.parametrize("seconds", [0.001, 0.5, 1, 45, 60, 90, 300, 3599, 3600, 5400, 86400, 90000, 93784.5,
+                                     14 * 86400, 123456.789])
+def test_duration_formatter_round_trips_through_the_parser(seconds: float) -> None:
+    text = format_duration(seconds)
+    assert parse_duration(text) == pytest.approx(seconds), text
+    assert format_duration(parse_duration(text)) == text
+    assert duration(seconds) == text, "promql emits what the config parser reads"
+
+
+def test_formatter_output_is_a_config_value() -> None:
+    """`promql.duration` emits 1d for a day: the config must accept it (it used to refuse)."""
+    assert duration(86400) == "1d"
+    settings = load_settings(raw={"targets": [{"name": "a", "dsn": GOOD_DSN}],
+                                  "collectors": {"pg_bloat_estimate": {"interval": duration(86400)}},
+                                  "alerts": {"slot_inactive": {"for": "1h30m"}}}, environ={})
+    assert settings.collectors["pg_bloat_estimate"].interval == 86400
+    assert settings.alerts.slot_inactive.for_ == 5400
 
 
 def test_tuning_a_collector_keeps_its_default_switch() -> None:

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 
 from exporter.catalog import MetricSpec, load
+from exporter.durations import format_duration
 
 #: Names Prometheus itself provides (scrape health and alert state), usable next to our metrics.
 PROMETHEUS_BUILTINS = frozenset({
@@ -64,14 +65,8 @@ def has_label(name: str, label: str) -> bool:
 
 
 def duration(seconds: float) -> str:
-    """A Prometheus duration string: 300 -> 5m, 90 -> 90s, 0.5 -> 500ms, 0 -> 0s."""
-    millis = round(seconds * 1000)
-    if millis == 0:
-        return "0s"
-    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)):
-        if millis % size == 0:
-            return f"{millis // size}{unit}"
-    return f"{millis}ms"
+    """A Prometheus duration string: 300 -> 5m, 90 -> 90s, 0.5 -> 500ms, 0 -> 0s (see exporter.durations)."""
+    return format_duration(seconds)
 
 
 def number(value: float) -> str:
