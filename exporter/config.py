@@ -8,6 +8,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import yaml
 from psycopg.conninfo import conninfo_to_dict
@@ -299,7 +300,8 @@ class AlertsConfig(_Strict):
 
     job: str = Field(default="pgvitals", min_length=1)  # the Prometheus job scraping pgvitals
     rate_window: Duration = 300.0
-    runbook_url: str = Field(default="docs/runbooks.md", min_length=1)
+    runbook_base_url: str | None = None  # where docs/ is published; None: links relative to the repository
+    runbook_url: None = Field(default=None, exclude=True)  # replaced by runbook_base_url: say so when given
     labels: ConstLabels = Field(default_factory=dict)
     exporter_down: DownAlert = Field(default_factory=DownAlert)
     postgres_down: DownAlert = Field(default_factory=DownAlert)
@@ -322,6 +324,26 @@ class AlertsConfig(_Strict):
     wraparound: WraparoundAlert = Field(default_factory=WraparoundAlert)
     collector_failing: CollectorFailingAlert = Field(default_factory=CollectorFailingAlert)
     collector_stale: CollectorStaleAlert = Field(default_factory=CollectorStaleAlert)
+
+
+    @field_validator("runbook_base_url")
+    @classmethod
+    def _absolute_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError("expected an absolute http:// or https:// URL (a notification has no base to "
+                                 "resolve a relative link against)")
+            if parts.fragment:
+                raise ValueError("give the URL without a #fragment (each alert adds its own anchor), or end it "
+                                 "with # to name the runbook page itself")
+        return value
+
+    @field_validator("runbook_url", mode="before")
+    @classmethod
+    def _renamed(cls, value: Any) -> None:
+        raise ValueError("replaced by runbook_base_url: the URL where docs/ is published "
+                         "(each rule links to <base>/runbooks.md#<alert>)")
 
 
 class Settings(_Strict):
