@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import re
@@ -19,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
@@ -88,26 +90,25 @@ ConstLabels = Annotated[dict[str, str], AfterValidator(_check_labels)]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]+$", max_length=120)]
 
 
-class TargetConfig(_Strict):
-    """One PostgreSQL server to monitor."""
+class Endpoint(_Strict):
+    """What targets and PgBouncers share: a name, a connection string, where its password is, constant labels."""
 
     name: Name
     dsn: Dsn
     password_file: Path | None = None
     password_env: str | None = None
-    databases: DatabaseFilter = Field(default_factory=DatabaseFilter)
     labels: ConstLabels = Field(default_factory=dict)
+
+
+class TargetConfig(Endpoint):
+    """One PostgreSQL server to monitor."""
+
+    databases: DatabaseFilter = Field(default_factory=DatabaseFilter)
     max_connections: int = Field(default=2, ge=1, le=20)
 
 
-class PgBouncerConfig(_Strict):
+class PgBouncerConfig(Endpoint):
     """One PgBouncer admin console to monitor."""
-
-    name: Name
-    dsn: Dsn
-    password_file: Path | None = None
-    password_env: str | None = None
-    labels: ConstLabels = Field(default_factory=dict)
 
 
 def _not_unmatched(value: str) -> str:
@@ -138,13 +139,50 @@ class PoolConfig(_Strict):
 
 
 class CollectorOverride(BaseModel):
-    """Per-collector switches; extra keys are the collector's declared parameters."""
+    """Per-collector switches as the engine reads them; extra keys are the collector's declared parameters.
+
+    The YAML is validated first by the model :func:`collector_settings_model` generates from the catalog.
+    """
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
     enabled: bool | None = None  # None: the collector's default (tuning a disabled one does not enable it)
     interval: Duration | None = None
     timeout: Duration | None = None
+
+
+class CollectorSettings(_Strict):
+    """The switches every collector takes; generated subclasses add the collector's declared parameters."""
+
+    enabled: bool | None = None
+    interval: Duration | None = None
+    timeout: Duration | None = None
+
+
+@functools.cache
+def collector_settings_model(name: str) -> type[CollectorSettings]:
+    """A model of ``collectors.<name>``: the common switches plus one typed field per declared ``Param``."""
+    from exporter import catalog
+
+    fields: dict[str, Any] = {}
+    for param in catalog.load().by_name[name].params:
+        kind: Any = type(param.default)
+        minimum = 0 if kind in (int, float) else None  # counts, sizes and seconds: never negative
+        # Strict: YAML already gives typed values, and `top_n: true` or `query_text: 1` is a mistake.
+        # A parameter named like a BaseModel attribute (`schema`) gets another field name, its YAML key as alias.
+        field_name = f"{param.name}_" if hasattr(CollectorSettings, param.name) else param.name
+        fields[field_name] = (kind | None, Field(default=None, alias=param.name, strict=True, ge=minimum,
+                                                 description=param.help))
+    return create_model(f"{name}_settings", __base__=CollectorSettings, __doc__=f"collectors.{name}", **fields)
+
+
+@functools.cache
+def collectors_section_model() -> type[BaseModel]:
+    """A model of the ``collectors:`` section: one optional entry per catalog collector, nothing else."""
+    from exporter import catalog
+
+    fields: dict[str, Any] = {name: (collector_settings_model(name) | None, None) for name in catalog.load().by_name}
+    return create_model("collectors_section", __base__=_Strict, __doc__="collectors", **fields)
 
 
 class LogConfig(_Strict):
@@ -363,6 +401,14 @@ class Settings(_Strict):
     log: LogConfig = Field(default_factory=LogConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
 
+    @field_validator("collectors", mode="before")
+    @classmethod
+    def _declared_collectors(cls, value: Any) -> Any:
+        """Check names, switches and parameters against the catalog (errors keep their YAML path)."""
+        section = collectors_section_model().model_validate(value)
+        given = ((name, entry) for name, entry in section if entry is not None)
+        return {name: entry.model_dump(exclude_unset=True, by_alias=True) for name, entry in given}
+
     @field_validator("listen")
     @classmethod
     def _listen(cls, value: str) -> str:
@@ -403,12 +449,24 @@ def _yaml_path(loc: tuple[int | str, ...]) -> str:
     return out or "(top level)"
 
 
+def _unknown_key(loc: tuple[int | str, ...]) -> str:
+    """Say what is known where a key is unknown: collectors and their parameters are many and easy to misspell."""
+    from exporter import catalog
+
+    if len(loc) == 2 and loc[0] == "collectors":
+        return f"unknown collector (known: {', '.join(sorted(catalog.load().by_name))})"
+    if len(loc) == 3 and loc[0] == "collectors" and str(loc[1]) in catalog.load().by_name:
+        declared = catalog.load().by_name[str(loc[1])].param_defaults()
+        return f"unknown key (parameters: {', '.join(sorted(declared)) or 'none'})"
+    return "unknown key"
+
+
 def _describe(error: Mapping[str, Any]) -> str:
     kind = error["type"]
     if kind == "missing":
         return "missing"
     if kind == "extra_forbidden":
-        return "unknown key"
+        return _unknown_key(error["loc"])
     message = str(error["msg"])
     return message.removeprefix("Value error, ")
 
@@ -500,12 +558,8 @@ def _semantic_problems(data: Mapping[str, Any], environ: Mapping[str, str]) -> l
     if isinstance(collectors, dict):
         known = catalog_module.load().by_name
         for name, override in collectors.items():
-            where = f"collectors.{name}"
-            if name not in known:
-                problems.append(f"{where}: unknown collector (known: {', '.join(sorted(known))})")
-                continue
-            if isinstance(override, dict):
-                problems.extend(_override_problems(where, known[name], override))
+            if name in known and isinstance(override, dict):
+                problems.extend(_timeout_problems(f"collectors.{name}", known[name], override))
     return problems
 
 
@@ -523,28 +577,13 @@ def _secret_problems(where: str, item: Mapping[str, Any], environ: Mapping[str, 
     return problems
 
 
-def _override_problems(where: str, collector: Any, override: Mapping[str, Any]) -> list[str]:
-    problems = []
-    declared = collector.param_defaults()
-    for key, value in override.items():
-        if key in ("enabled", "interval", "timeout"):
-            continue
-        if key not in declared:
-            problems.append(f"{where}.{key}: unknown key (parameters: {', '.join(sorted(declared)) or 'none'})")
-            continue
-        expected = type(declared[key])
-        ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            ok = True
-        if not ok:
-            problems.append(f"{where}.{key}: expected {expected.__name__}, got {type(value).__name__}")
-        elif isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
-            problems.append(f"{where}.{key}: must not be negative")
+def _timeout_problems(where: str, collector: Any, override: Mapping[str, Any]) -> list[str]:
+    """The timeout must stay below the interval, either of them possibly the collector's default."""
     try:
         interval = parse_duration(override.get("interval", collector.interval))
         timeout = parse_duration(override.get("timeout", collector.timeout))
     except ValueError:
-        return problems  # the type error is reported by the schema
+        return []  # the type error is reported by the schema
     if timeout >= interval:
-        problems.append(f"{where}.timeout: {timeout:g}s must be shorter than the interval ({interval:g}s)")
-    return problems
+        return [f"{where}.timeout: {timeout:g}s must be shorter than the interval ({interval:g}s)"]
+    return []

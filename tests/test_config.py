@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from exporter.catalog import Collector, load
 from exporter.cli import main
 from exporter.config import ConfigError, load_settings
 from exporter.dashboards.promql import duration
@@ -45,6 +46,16 @@ BROKEN = [
     ("enabled not bool",
      ONE + "collectors:\n  pg_settings: {enabled: perhaps}\n",
      ["collectors.pg_settings.enabled: Input should be a valid boolean"]),
+    ("unknown parameter", ONE + "collectors:\n  pg_stat_statements: {topn: 5}\n",
+     ["collectors.pg_stat_statements.topn: unknown key (parameters: "]),
+    ("parameter of the wrong type", ONE + "collectors:\n  pg_stat_statements: {top_n: many, query_text: 1}\n",
+     ["collectors.pg_stat_statements.top_n: Input should be a valid integer",
+      "collectors.pg_stat_statements.query_text: Input should be a valid boolean"]),
+    ("negative parameter", ONE + "collectors:\n  pg_stat_user_tables: {top_n: -1}\n",
+     ["collectors.pg_stat_user_tables.top_n: Input should be greater than or equal to 0"]),
+    ("parameter named like a model attribute", ONE + "collectors:\n  pg_replication_heartbeat: {schema: 1}\n",
+     ["collectors.pg_replication_heartbeat.schema: Input should be a valid string"]),
+    ("collectors not a mapping", ONE + "collectors: [pg_settings]\n", ["collectors: Input should be"]),
     ("bad listen", f"listen: everywhere\ntargets: [{{name: a, dsn: '{GOOD_DSN}'}}]\n", ["listen: expected HOST:PORT"]),
     ("bad max_connections", f"targets: [{{name: a, dsn: '{GOOD_DSN}', max_connections: 0}}]\n",
      ["targets[0].max_connections: Input should be greater than or equal to 1"]),
@@ -158,6 +169,36 @@ def test_formatter_output_is_a_config_value() -> None:
                                   "alerts": {"slot_inactive": {"for": "1h30m"}}}, environ={})
     assert settings.collectors["pg_bloat_estimate"].interval == 86400
     assert settings.alerts.slot_inactive.for_ == 5400
+
+
+_WRONG = {bool: "yes", int: True, float: "fast", str: 1}
+
+
+@pytest.mark.parametrize("collector", [c for c in load().collectors if c.params], ids=lambda c: c.name)
+def test_parameter_models_follow_the_declared_params(collector: Collector) -> None:
+    """Each declared Param is accepted with its default's type and refused, at its YAML path, with another."""
+    from exporter.engine import effective_collectors
+
+    given = {p.name: p.default for p in collector.params}
+    settings = load_settings(raw={"targets": [{"name": "a", "dsn": GOOD_DSN}],
+                                  "collectors": {collector.name: given}}, environ={})
+    effective = {e.collector.name: e for e in effective_collectors(load(), settings)}[collector.name]
+    assert effective.params == collector.param_defaults()
+    wrong = {p.name: _WRONG[type(p.default)] for p in collector.params}
+    with pytest.raises(ConfigError) as error:
+        load_settings(raw={"targets": [{"name": "a", "dsn": GOOD_DSN}],
+                           "collectors": {collector.name: wrong}}, environ={})
+    for param in collector.params:
+        assert any(p.startswith(f"collectors.{collector.name}.{param.name}: Input should be a valid")
+                   for p in error.value.problems), error.value.problems
+
+
+def test_a_float_parameter_takes_an_integer() -> None:
+    collector = next(c for c in load().collectors for p in c.params if isinstance(p.default, float))
+    param = next(p for p in collector.params if isinstance(p.default, float))
+    settings = load_settings(raw={"targets": [{"name": "a", "dsn": GOOD_DSN}],
+                                  "collectors": {collector.name: {param.name: 3}}}, environ={})
+    assert settings.collectors[collector.name].model_extra == {param.name: 3.0}
 
 
 def test_tuning_a_collector_keeps_its_default_switch() -> None:
