@@ -439,7 +439,12 @@ ENV_OVERRIDES: Mapping[str, tuple[str, ...]] = {
 }
 
 
-def _yaml_path(loc: tuple[int | str, ...]) -> str:
+Loc = tuple[int | str, ...]
+#: One problem: where (a path into the YAML document) and what.
+Problem = tuple[Loc, str]
+
+
+def _yaml_path(loc: Loc) -> str:
     out = ""
     for part in loc:
         if isinstance(part, int):
@@ -449,7 +454,7 @@ def _yaml_path(loc: tuple[int | str, ...]) -> str:
     return out or "(top level)"
 
 
-def _unknown_key(loc: tuple[int | str, ...]) -> str:
+def _unknown_key(loc: Loc) -> str:
     """Say what is known where a key is unknown: collectors and their parameters are many and easy to misspell."""
     from exporter import catalog
 
@@ -471,30 +476,80 @@ def _describe(error: Mapping[str, Any]) -> str:
     return message.removeprefix("Value error, ")
 
 
-def _read_yaml(path: Path) -> Any:
+def node_lines(node: yaml.Node | None) -> dict[Loc, int]:
+    """The 1-based line of every path in a composed YAML document (a mapping key's line for its value)."""
+    lines: dict[Loc, int] = {}
+
+    def walk(current: yaml.Node, loc: Loc, line: int, seen: frozenset[int]) -> None:
+        lines[loc] = line
+        if id(current) in seen:
+            return  # an alias back into its own ancestor: YAML allows it, and it has no new lines
+        inside = seen | {id(current)}
+        if isinstance(current, yaml.MappingNode):
+            for key, value in current.value:
+                if isinstance(key, yaml.ScalarNode):
+                    walk(value, (*loc, key.value), key.start_mark.line + 1, inside)
+        elif isinstance(current, yaml.SequenceNode):
+            for index, item in enumerate(current.value):
+                walk(item, (*loc, index), item.start_mark.line + 1, inside)
+
+    if node is not None:
+        walk(node, (), node.start_mark.line + 1, frozenset())
+    return lines
+
+
+def _read_yaml(path: Path) -> tuple[Any, dict[Loc, int]]:
+    """The document and the line of each of its paths."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read the file ({exc.strerror})"]) from None
+    loader = yaml.SafeLoader(text)
     try:
-        return yaml.safe_load(text) or {}
+        node = loader.get_single_node()  # kept, for the lines of the paths errors name
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
         raise ConfigError([f"{path}: not valid YAML at {where}: {getattr(exc, 'problem', exc)}"]) from None
+    finally:
+        loader.dispose()
+    return data or {}, node_lines(node)
 
 
-def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> list[Loc]:
+    """Apply the environment overrides; return the paths whose values no longer come from the file."""
+    overridden: list[Loc] = []
     for variable, path in ENV_OVERRIDES.items():
         if variable in environ:
             node = data
             for key in path[:-1]:
                 node = node.setdefault(key, {})
             node[path[-1]] = environ[variable]
+            overridden.append(path)
     dsn = environ.get("PGVITALS_DSN") or environ.get("DATA_SOURCE_NAME")
     if dsn and not data.get("targets"):
         # postgres_exporter users: DATA_SOURCE_NAME alone is a one-target configuration.
         data["targets"] = [{"name": environ.get("PGVITALS_TARGET_NAME", "default"), "dsn": dsn}]
+        overridden.append(("targets",))
+    return overridden
+
+
+def _line(loc: Loc, lines: Mapping[Loc, int]) -> int | None:
+    """The line of ``loc`` in the file, or of its nearest ancestor there (a missing key: its mapping's)."""
+    for length in range(len(loc), 0, -1):
+        if (line := lines.get(loc[:length])) is not None:
+            return line
+    return None
+
+
+def _report(problems: list[Problem], lines: Mapping[Loc, int]) -> list[str]:
+    """``path (line N): message`` lines in file order, each once; problems without a line last."""
+    located = [(_line(loc, lines), loc, message) for loc, message in problems]
+    located.sort(key=lambda item: float("inf") if item[0] is None else item[0])
+    texts = [f"{_yaml_path(loc)}{'' if line is None else f' (line {line})'}: {message}"
+             for line, loc, message in located]
+    return sorted(set(texts), key=texts.index)
 
 
 def load_settings(
@@ -504,37 +559,39 @@ def load_settings(
 ) -> Settings:
     """Read, override from the environment and validate; raise ConfigError with every problem."""
     environ = os.environ if environ is None else environ
+    lines: dict[Loc, int] = {}
     if raw is not None:
         data: Any = dict(raw)
     elif path is not None:
-        data = _read_yaml(path)
+        data, lines = _read_yaml(path)
     else:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(["(top level): expected a mapping of settings"])
-    _apply_env(data, environ)
-    problems: list[str] = []
+    for replaced in _apply_env(data, environ):
+        lines = {loc: line for loc, line in lines.items() if loc[:len(replaced)] != replaced}
+    problems: list[Problem] = []
     settings: Settings | None = None
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
-        problems.extend(f"{_yaml_path(e['loc'])}: {_describe(e)}" for e in exc.errors())
+        problems.extend((tuple(e["loc"]), _describe(e)) for e in exc.errors())
     problems.extend(_semantic_problems(data, environ))
     if problems or settings is None:
-        raise ConfigError(sorted(set(problems), key=problems.index))
+        raise ConfigError(_report(problems, lines))
     return settings
 
 
-def _semantic_problems(data: Mapping[str, Any], environ: Mapping[str, str]) -> list[str]:
+def _semantic_problems(data: Mapping[str, Any], environ: Mapping[str, str]) -> list[Problem]:
     """Cross-field checks, done on the raw data so they report alongside type errors."""
     from exporter import catalog as catalog_module
 
-    problems: list[str] = []
+    problems: list[Problem] = []
+    if not data.get("targets") and not data.get("pgbouncers"):
+        problems.append((("targets",), "at least one target (or pgbouncer) is needed"))
     for section in ("targets", "pgbouncers", "pools"):
         items = data.get(section)
         if not isinstance(items, list):
-            if section == "targets" and not items and not data.get("pgbouncers"):
-                problems.append("targets: at least one target (or pgbouncer) is needed")
             continue
         seen: dict[str, int] = {}
         for index, item in enumerate(items):
@@ -543,41 +600,36 @@ def _semantic_problems(data: Mapping[str, Any], environ: Mapping[str, str]) -> l
             name = item.get("name")
             if isinstance(name, str):
                 if name in seen:
-                    problems.append(f"{section}[{index}].name: duplicate of {section}[{seen[name]}] ({name!r})")
+                    problems.append(((section, index, "name"), f"duplicate of {section}[{seen[name]}] ({name!r})"))
                 seen.setdefault(name, index)
             if section != "pools":
-                problems.extend(_secret_problems(f"{section}[{index}]", item, environ))
-        if section == "targets" and not items and not data.get("pgbouncers"):
-            problems.append("targets: at least one target (or pgbouncer) is needed")
-    pools = data.get("pools")
-    if isinstance(pools, list):
-        for index, pool in enumerate(pools):
-            if isinstance(pool, dict) and not any(pool.get(k) for k in ("application_name", "usename", "client_addr")):
-                problems.append(f"pools[{index}]: give application_name, usename or client_addr to match sessions")
+                problems.extend(_secret_problems((section, index), item, environ))
+            elif not any(item.get(k) for k in ("application_name", "usename", "client_addr")):
+                problems.append(((section, index), "give application_name, usename or client_addr to match sessions"))
     collectors = data.get("collectors")
     if isinstance(collectors, dict):
         known = catalog_module.load().by_name
         for name, override in collectors.items():
             if name in known and isinstance(override, dict):
-                problems.extend(_timeout_problems(f"collectors.{name}", known[name], override))
+                problems.extend(_timeout_problems(("collectors", name), known[name], override))
     return problems
 
 
-def _secret_problems(where: str, item: Mapping[str, Any], environ: Mapping[str, str]) -> list[str]:
-    problems = []
+def _secret_problems(where: Loc, item: Mapping[str, Any], environ: Mapping[str, str]) -> list[Problem]:
+    problems: list[Problem] = []
     password_file = item.get("password_file")
     if isinstance(password_file, str):
         try:
             Path(password_file).read_text(encoding="utf-8")
         except OSError as exc:
-            problems.append(f"{where}.password_file: cannot read {password_file} ({exc.strerror})")
+            problems.append(((*where, "password_file"), f"cannot read {password_file} ({exc.strerror})"))
     password_env = item.get("password_env")
     if isinstance(password_env, str) and password_env not in environ:
-        problems.append(f"{where}.password_env: environment variable {password_env} is not set")
+        problems.append(((*where, "password_env"), f"environment variable {password_env} is not set"))
     return problems
 
 
-def _timeout_problems(where: str, collector: Any, override: Mapping[str, Any]) -> list[str]:
+def _timeout_problems(where: Loc, collector: Any, override: Mapping[str, Any]) -> list[Problem]:
     """The timeout must stay below the interval, either of them possibly the collector's default."""
     try:
         interval = parse_duration(override.get("interval", collector.interval))
@@ -585,5 +637,5 @@ def _timeout_problems(where: str, collector: Any, override: Mapping[str, Any]) -
     except ValueError:
         return []  # the type error is reported by the schema
     if timeout >= interval:
-        return [f"{where}.timeout: {timeout:g}s must be shorter than the interval ({interval:g}s)"]
+        return [((*where, "timeout"), f"{timeout:g}s must be shorter than the interval ({interval:g}s)")]
     return []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,7 @@ def test_broken_config_exits_2_naming_the_yaml_path(
     err = capsys.readouterr().err
     assert code == 2, err
     assert "Traceback" not in err
+    err = re.sub(r" \(line \d+\)", "", err)  # lines are checked by test_errors_name_the_yaml_line
     for fragment in expected:
         assert fragment in err, f"{fragment!r} not in:\n{err}"
 
@@ -103,10 +105,44 @@ def test_every_problem_reported_at_once(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError) as info:
         load_settings(path, environ={})
-    text = "\n".join(info.value.problems)
+    text = re.sub(r" \(line \d+\)", "", "\n".join(info.value.problems))
     for fragment in ("listen:", "targets[0].dsn: missing", "targets[1].extra: unknown key",
                      "targets[1].name: duplicate", "collectors.pg_settings.timeout"):
         assert fragment in text
+
+
+def test_errors_name_the_yaml_line(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "# comment\n"
+        "listen: nowhere\n"                                           # 2
+        "targets:\n"                                                  # 3
+        f"  - name: a\n    dsn: '{GOOD_DSN}'\n"                       # 4-5
+        "  - name: b\n"                                               # 6
+        "    dsn: 'host=x port=5432 dbname'\n"                        # 7
+        "    labels:\n      datname: x\n"                             # 8-9
+        "  - name: c\n"                                               # 10: dsn missing
+        "collectors:\n"                                               # 11
+        "  pg_stat_statements:\n"                                     # 12
+        "    top_n: many\n"                                           # 13
+        "  pg_settings: {interval: 1s, timeout: 5s}\n"                # 14
+        "pools:\n  - {name: p, capacity: 10}\n"                       # 15-16
+        "alerts:\n  runbook_base_url: wiki\n"                         # 17-18
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, environ={"PGVITALS_LOG_LEVEL": "loud"})
+    problems = info.value.problems
+    for expected in ("listen (line 2): expected HOST:PORT",
+                     "targets[1].dsn (line 7): not a valid PostgreSQL connection string",
+                     "targets[1].labels (line 8): label name 'datname' is set by pgvitals itself",
+                     "targets[2].dsn (line 10): missing",
+                     "collectors.pg_stat_statements.top_n (line 13): Input should be a valid integer",
+                     "collectors.pg_settings.timeout (line 14): 5s must be shorter",
+                     "pools[0] (line 16): give application_name",
+                     "alerts.runbook_base_url (line 18): expected an absolute http"):
+        assert any(problem.startswith(expected) for problem in problems), (expected, problems)
+    # From the environment, not the file: no line to point at.
+    assert any(problem.startswith("log.level: String should") for problem in problems), problems
 
 
 def test_password_never_in_config_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
