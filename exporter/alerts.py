@@ -1,7 +1,9 @@
 """Prometheus alert and recording rules, built from catalog look-ups and the configured thresholds.
 
-Every metric goes through :func:`exporter.dashboards.promql.m`, so a rule naming a metric the catalog
-does not declare fails at generation. The ratios that dashboards and alerts share are written once here
+Alerts are declared as keyword data (``ALERTS``) whose expressions and texts share one ``{name}`` template
+style. Every metric goes through :func:`exporter.dashboards.promql.m`, so a rule naming a metric the catalog
+does not declare fails at generation, and label lists (``without (...)``) are checked against or derived from
+the catalog. The ratios that dashboards and alerts share are written once here
 (functions taking the rate window), recorded for the alerts with the configured window and used by the
 dashboards with ``$__rate_interval``.
 """
@@ -293,10 +295,6 @@ def _stale_expr(settings: Settings) -> str | None:
     return " or ".join(f"({part})" for part in parts)
 
 
-_BLOAT = ("({%s_ratio} > {ratio} and {%s_bytes} / {%s_ratio} > {min_table_bytes})")
-_BLOAT_MEASURED = _BLOAT % (("pg_table_bloat_measured",) * 3)
-_BLOAT_ESTIMATED = _BLOAT % (("pg_table_bloat",) * 3)
-
 ALERTS: tuple[AlertSpec, ...] = (
     AlertSpec(
         name="PgvitalsExporterDown", group="availability", config="exporter_down", severity="critical",
@@ -435,8 +433,12 @@ ALERTS: tuple[AlertSpec, ...] = (
     ),
     AlertSpec(
         name="PostgresTableBloat", group="storage", config="bloat", severity="info",
-        expr=f"{_BLOAT_MEASURED} or {{IGNORING_METHOD}} "
-             f"({_BLOAT_ESTIMATED} unless {{IGNORING_METHOD}} {{pg_table_bloat_measured_ratio}})",
+        # Size = bloat bytes / ratio; a measurement (pgstattuple_approx) wins over the estimate of the same table.
+        expr="({pg_table_bloat_measured_ratio} > {ratio} and "
+             "{pg_table_bloat_measured_bytes} / {pg_table_bloat_measured_ratio} > {min_table_bytes}) "
+             "or {IGNORING_METHOD} (({pg_table_bloat_ratio} > {ratio} and "
+             "{pg_table_bloat_bytes} / {pg_table_bloat_ratio} > {min_table_bytes}) "
+             "unless {IGNORING_METHOD} {pg_table_bloat_measured_ratio})",
         summary="Table {labels.schemaname}.{labels.relname} on {db} is {value_pct} bloat",
         description="About {value_pct} of table {labels.schemaname}.{labels.relname} on {db} is dead space, "
                     "{labels.method} (threshold {ratio:%} % on tables over {min_table_bytes} bytes; a measurement "
