@@ -1,22 +1,27 @@
 """Prometheus alert and recording rules, built from catalog look-ups and the configured thresholds.
 
-Every metric goes through :func:`exporter.dashboards.promql.m`, so a rule naming a metric the catalog
-does not declare fails at generation. The ratios that dashboards and alerts share are written once here
+Alerts are declared as keyword data (``ALERTS``) whose expressions and texts share one ``{name}`` template
+style. Every metric goes through :func:`exporter.dashboards.promql.m`, so a rule naming a metric the catalog
+does not declare fails at generation, and label lists (``without (...)``) are checked against or derived from
+the catalog. The ratios that dashboards and alerts share are written once here
 (functions taking the rate window), recorded for the alerts with the configured window and used by the
 dashboards with ``$__rate_interval``.
 """
 
 from __future__ import annotations
 
+import string
 from collections import defaultdict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
 from exporter import catalog as catalog_module
 from exporter.config import AlertsConfig, Settings
-from exporter.dashboards.promql import WRAPAROUND_HORIZON, duration, m, number
+from exporter.dashboards.promql import WRAPAROUND_HORIZON, duration, grouping, labels_beyond, m, number
 
 Severity = Literal["critical", "warning", "info"]
 
@@ -30,6 +35,9 @@ STATEMENT_MEAN = "target_statement:pg_stat_statements_exec:mean_seconds"
 WRAPAROUND = "target_datname:pg_wraparound:ratio"
 
 RULE_FILE = "pgvitals.rules.yml"
+RUNBOOK_PAGE = "runbooks.md"
+#: Where the runbooks are when no ``alerts.runbook_base_url`` is set: relative to the repository root.
+RELATIVE_RUNBOOKS = f"docs/{RUNBOOK_PAGE}"
 
 
 # -- the shared ratios --------------------------------------------------------------------------------------------
@@ -56,14 +64,16 @@ def connections_utilization(connections: str = "", connections_max: str = "") ->
     """Client sessions as a fraction of the slots ordinary roles may use."""
     sessions = connections or m("pg_connections")
     limit = connections_max or m("pg_connections_max")
-    return f"sum without (datname, usename, application_name, state) ({sessions}) / {limit}"
+    per_slot = grouping("without", labels_beyond("pg_connections", "pg_connections_max"), "pg_connections")
+    return f"sum {per_slot} ({sessions}) / {limit}"
 
 
 def pool_utilization(connections: str = "", capacity: str = "") -> str:
     """An application pool's sessions (every state) as a fraction of its declared capacity."""
     sessions = connections or m("pg_pool_connections")
     limit = capacity or m("pg_pool_capacity")
-    return f"sum without (state) ({sessions}) / {limit}"
+    per_pool = grouping("without", labels_beyond("pg_pool_connections", "pg_pool_capacity"), "pg_pool_connections")
+    return f"sum {per_pool} ({sessions}) / {limit}"
 
 
 def statement_mean_seconds(window: str, exec_selector: str = "", calls_selector: str = "") -> str:
@@ -97,6 +107,24 @@ class Recording:
         return out
 
 
+def runbook_url(config: AlertsConfig, anchor: str) -> str:
+    """The link to ``anchor`` in the runbooks: absolute when ``runbook_base_url`` is set, else repository-relative.
+
+    The base is where docs/ is published (a GitHub ``.../blob/main/docs`` URL, a docs site): ``runbooks.md`` is
+    appended. A base whose last path segment is a page (``.md``, ``.html``) or that ends in ``#`` (a wiki page of
+    any name) is the runbook page itself.
+    """
+    base = config.runbook_base_url
+    if base is None:
+        return f"{RELATIVE_RUNBOOKS}#{anchor}"
+    if base.endswith("#"):
+        return base + anchor
+    parts = urlsplit(base)
+    last = parts.path.rpartition("/")[2]
+    path = parts.path if last.endswith((".md", ".html", ".htm")) else f"{parts.path.rstrip('/')}/{RUNBOOK_PAGE}"
+    return urlunsplit((parts.scheme, parts.netloc, path, parts.query, anchor))
+
+
 @dataclass(frozen=True)
 class Alert:
     """An alerting rule with its severity, texts and runbook anchor."""
@@ -119,7 +147,7 @@ class Alert:
         out["annotations"] = {
             "summary": self.summary,
             "description": self.description,
-            "runbook_url": f"{config.runbook_url}#{self.name.lower()}",
+            "runbook_url": runbook_url(config, self.name.lower()),
         }
         return out
 
@@ -127,26 +155,129 @@ class Alert:
 def recording_rules(config: AlertsConfig) -> list[Recording]:
     """The ratios that dashboards and alerts share, recorded over the configured rate window."""
     window = duration(config.rate_window)
+    per_target = grouping("without", labels_beyond("pg_stat_database_blks_hit_total", "pg_up"),
+                          "pg_stat_database_blks_hit_total", "pg_stat_database_blks_read_total")
     return [
         Recording(CONNECTIONS_UTILIZATION, connections_utilization(), "connections"),
         Recording(POOL_UTILIZATION, pool_utilization(), "connections"),
         Recording(STATEMENT_MEAN, statement_mean_seconds(window), "queries"),
         Recording(CACHE_HIT_DB, cache_hit_ratio(window), "queries"),
         Recording(BLOCKS_DB, blocks_rate(window), "queries"),
-        Recording(CACHE_HIT_TARGET, cache_hit_ratio(window, by="without (datname)"), "queries"),
+        Recording(CACHE_HIT_TARGET, cache_hit_ratio(window, by=per_target), "queries"),
         Recording(WRAPAROUND, wraparound_ratio("pg_database_xid_age"), "storage", {"kind": "xid"}),
         Recording(WRAPAROUND, wraparound_ratio("pg_database_mxid_age"), "storage", {"kind": "multixact"}),
     ]
 
 
-def _bloat(prefix: str, ratio: float, min_bytes: int) -> str:
-    """Tables whose bloat ratio is above ``ratio`` and whose size (bloat bytes / ratio) is above ``min_bytes``."""
-    share, wasted = m(f"{prefix}_ratio"), m(f"{prefix}_bytes")
-    return f"({share} > {number(ratio)} and {wasted} / {share} > {min_bytes})"
+# -- declarations -------------------------------------------------------------------------------------------------
+#
+# One templating style for expressions and texts: ``{name}`` fields filled by str.format.
+# - In texts, what Prometheus fills at evaluation: {target}, {db} (target/datname), {labels.NAME}, {value},
+#   {value_pct}, {value_age}, {value_bytes} (binary prefixes, with B), {value_count}.
+# - Everywhere, the alert's settings (its `alerts:` section): {warning}, {seconds}, ... as PromQL numbers;
+#   ``:%`` gives percent, ``:dur`` a duration; {for} and {window} are durations.
+# - In expressions, any catalog metric by name ({pg_up}, checked by promql.m), the recording rules and label
+#   lists in RULE_NAMES; {up} is the scrape health of the configured job.
+
+#: Label lists and recording rule names expressions may use, derived from the catalog where they are label lists.
+RULE_NAMES: Mapping[str, str] = {
+    "CONNECTIONS_UTILIZATION": CONNECTIONS_UTILIZATION,
+    "POOL_UTILIZATION": POOL_UTILIZATION,
+    "STATEMENT_MEAN": STATEMENT_MEAN,
+    "CACHE_HIT_DB": CACHE_HIT_DB,
+    "BLOCKS_DB": BLOCKS_DB,
+    "WRAPAROUND": WRAPAROUND,
+}
 
 
-def _stale_expr(settings: Settings) -> str:
-    """Data age above ``intervals`` times each collector's effective interval (collectors grouped by interval)."""
+def _bloat_method() -> str:
+    """``ignoring (method)``: the label that tells a measured bloat figure from an estimated one of a table."""
+    return grouping("ignoring", ("method",), "pg_table_bloat_ratio", "pg_table_bloat_measured_ratio")
+
+
+@dataclass(frozen=True)
+class AlertSpec:
+    """The declaration of one alert: keyword data, texts and expression in the one ``{name}`` template style."""
+
+    name: str
+    group: str
+    config: str  # the `alerts:` key holding its switch, `for` and thresholds
+    severity: Severity
+    expr: str | Callable[[Settings], str | None]  # a callable for expressions built from more than one section
+    summary: str
+    description: str
+
+
+class _Labels:
+    """``{labels.pool}`` in a text: the label's value when Prometheus renders the annotation."""
+
+    def __getattr__(self, name: str) -> str:
+        return "{{ $labels." + name + " }}"
+
+
+#: What Prometheus fills in when it renders an annotation (Go templates); texts name them, never spell them.
+RUNTIME: Mapping[str, object] = {
+    "target": "{{ $labels.target }}",
+    "db": "{{ $labels.target }}/{{ $labels.datname }}",
+    "labels": _Labels(),
+    "value": "{{ $value }}",
+    "value_pct": "{{ $value | humanizePercentage }}",
+    "value_age": "{{ $value | humanizeDuration }}",
+    "value_bytes": "{{ $value | humanize1024 }}B",
+    "value_count": "{{ $value | humanize }}",
+}
+
+
+@dataclass(frozen=True)
+class _Setting:
+    """A configured value: a PromQL number by default, ``:%`` in percent, ``:dur`` as a duration."""
+
+    value: float
+
+    def __format__(self, spec: str) -> str:
+        if spec == "%":
+            return number(self.value * 100)
+        if spec == "dur":
+            return duration(self.value)
+        if spec:
+            raise ValueError(f"unknown format {spec!r} for a setting (use '', '%' or 'dur')")
+        return number(self.value)
+
+
+class _Fields(dict[str, object]):
+    """The values of one alert's template fields; an unknown name in an expression is a catalog metric."""
+
+    def __init__(self, settings: Settings, section: Any, metrics: bool):
+        super().__init__()
+        self.metrics = metrics
+        for name, value in section:
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                self[name.rstrip("_")] = _Setting(value)
+        self["for"] = duration(section.for_)
+        self["window"] = duration(settings.alerts.rate_window)
+        if metrics:
+            self.update(RULE_NAMES)
+            self["up"] = m("up", job=settings.alerts.job)
+            self["IGNORING_METHOD"] = _bloat_method()
+        else:
+            self.update(RUNTIME)
+
+    def __missing__(self, name: str) -> str:
+        if not self.metrics:
+            raise KeyError(f"{{{name}}} is not a setting of this alert nor a value Prometheus fills in")
+        return m(name)
+
+
+def fill(template: str, settings: Settings, section: Any, metrics: bool) -> str:
+    """``template`` with its ``{name}`` fields filled for an expression (``metrics``) or an annotation."""
+    return string.Formatter().vformat(template, (), _Fields(settings, section, metrics))
+
+
+def _stale_expr(settings: Settings) -> str | None:
+    """Data age above ``intervals`` times each collector's effective interval (collectors grouped by interval).
+
+    None when no collector is enabled: there is no data to go stale, so the alert is left out.
+    """
     from exporter.planner import effective_collectors
 
     factor = settings.alerts.collector_stale.intervals
@@ -159,162 +290,208 @@ def _stale_expr(settings: Settings) -> str:
         f" > {number(round(interval * factor, 3))}"
         for interval, names in sorted(by_interval.items())
     ]
-    return " or ".join(f"({part})" for part in parts) if len(parts) > 1 else parts[0]
+    if len(parts) <= 1:
+        return parts[0] if parts else None
+    return " or ".join(f"({part})" for part in parts)
+
+
+ALERTS: tuple[AlertSpec, ...] = (
+    AlertSpec(
+        name="PgvitalsExporterDown", group="availability", config="exporter_down", severity="critical",
+        expr="{up} == 0",
+        summary="pgvitals exporter {labels.instance} cannot be scraped",
+        description="Prometheus has not scraped job {labels.job} at {labels.instance} successfully for {for}: "
+                    "every PostgreSQL alert below is blind until it is back.",
+    ),
+    AlertSpec(
+        name="PostgresDown", group="availability", config="postgres_down", severity="critical",
+        expr="{pg_up} == 0",
+        summary="PostgreSQL {target} is down or refuses the exporter",
+        description="pgvitals could not connect to PostgreSQL target {target} for {for} "
+                    "(instance {labels.instance}).",
+    ),
+    AlertSpec(
+        name="PgBouncerDown", group="availability", config="pgbouncer_down", severity="critical",
+        expr="{pgbouncer_up} == 0",
+        summary="PgBouncer {target} is down or refuses the exporter",
+        description="pgvitals could not connect to the PgBouncer admin console of {target} for {for}.",
+    ),
+    AlertSpec(
+        name="PostgresConnectionsHigh", group="connections", config="connections", severity="warning",
+        expr="{CONNECTIONS_UTILIZATION} > {warning}",
+        summary="PostgreSQL {target} uses {value_pct} of its connection slots",
+        description="Client sessions on {target} are at {value_pct} of the slots ordinary roles may use "
+                    "(max_connections minus reserved), above {warning:%} % for {for}.",
+    ),
+    AlertSpec(
+        name="PostgresConnectionsCritical", group="connections", config="connections", severity="critical",
+        expr="{CONNECTIONS_UTILIZATION} > {critical}",
+        summary="PostgreSQL {target} is about to refuse connections ({value_pct} used)",
+        description="Client sessions on {target} are at {value_pct} of the usable slots (threshold {critical:%} %): "
+                    "new application connections will soon fail with 'too many clients'.",
+    ),
+    AlertSpec(
+        name="PostgresPoolSaturated", group="connections", config="pool_utilization", severity="warning",
+        expr="{POOL_UTILIZATION} > {utilization}",
+        summary="Application pool {labels.pool} on {target} is at {value_pct} of its capacity",
+        description="Pool {labels.pool} holds {value_pct} of its declared capacity on {target} (threshold "
+                    "{utilization:%} %) for {for}: requests will wait for a connection (SQLAlchemy pool_timeout, "
+                    "SQLx acquire_timeout).",
+    ),
+    AlertSpec(
+        name="PgBouncerClientsWaiting", group="connections", config="pgbouncer_waiting", severity="warning",
+        expr="{pgbouncer_pools_client_waiting_connections} > {clients}",
+        summary="PgBouncer {target} has {value} clients waiting on {labels.database}/{labels.user}",
+        description="{value} clients of pool {labels.database}/{labels.user} on PgBouncer {target} have waited "
+                    "for a server connection for {for}: pool_size is too small for the load or server queries "
+                    "are slow.",
+    ),
+    AlertSpec(
+        name="PostgresReplicationLag", group="replication", config="replication_lag", severity="warning",
+        expr="{pg_replication_lag_seconds} > {warning}",
+        summary="Standby {target} replays {value_age} behind its primary",
+        description="Standby {target} is {value_age} behind (threshold {warning:dur}): reads there are stale and a "
+                    "failover would lose that much.",
+    ),
+    AlertSpec(
+        name="PostgresReplicationLagCritical", group="replication", config="replication_lag", severity="critical",
+        expr="{pg_replication_lag_seconds} > {critical}",
+        summary="Standby {target} is {value_age} behind: beyond the RPO",
+        description="Standby {target} is {value_age} behind its primary, past {critical:dur} (the recovery point "
+                    "objective): a failover now loses more data than planned.",
+    ),
+    AlertSpec(
+        name="PostgresReplicationLagBytes", group="replication", config="replication_lag_bytes", severity="warning",
+        expr="{pg_stat_replication_replay_lag_bytes} > {bytes}",
+        summary="Standby {labels.application_name} of {target} is {value_bytes} behind",
+        description="The primary {target} has sent WAL that standby {labels.application_name} "
+                    "({labels.client_addr}) has not replayed: {value_bytes}, above {bytes} bytes for {for}.",
+    ),
+    AlertSpec(
+        name="PostgresReplicationSlotInactive", group="replication", config="slot_inactive", severity="warning",
+        expr="{pg_replication_slot_active} == 0",
+        summary="Replication slot {labels.slot_name} on {target} is inactive",
+        description="Slot {labels.slot_name} ({labels.slot_type}) on {target} has had no consumer for {for}: it "
+                    "keeps WAL (and for logical slots, catalog rows) until it is consumed or dropped.",
+    ),
+    AlertSpec(
+        name="PostgresReplicationSlotRetainingWal", group="replication", config="slot_retained", severity="warning",
+        expr="{pg_replication_slot_retained_bytes} > {bytes}",
+        summary="Slot {labels.slot_name} on {target} retains {value_bytes} of WAL",
+        description="Replication slot {labels.slot_name} on {target} holds back {value_bytes} of WAL (threshold "
+                    "{bytes} bytes): the disk fills if its consumer does not catch up.",
+    ),
+    AlertSpec(
+        name="PostgresWalArchivingFailing", group="replication", config="archiving", severity="critical",
+        expr="increase({pg_stat_archiver_failed_total}[{window}]) > 0 "
+             "unless {pg_stat_archiver_last_archive_age_seconds} < {pg_stat_archiver_last_failure_age_seconds}",
+        summary="WAL archiving is failing on {target}",
+        description="archive_command failed {value_count} times in the last {window} on {target} and has not "
+                    "succeeded since: WAL piles up in pg_wal and point-in-time recovery falls behind.",
+    ),
+    AlertSpec(
+        name="PostgresLongRunningQuery", group="activity", config="long_query", severity="warning",
+        expr="{pg_stat_activity_max_query_duration_seconds} > {seconds}",
+        summary="A query on {db} has run for {value_age}",
+        description="The longest active query on {db} has been running for {value_age} (threshold {seconds:dur}).",
+    ),
+    AlertSpec(
+        name="PostgresIdleInTransaction", group="activity", config="idle_in_transaction", severity="warning",
+        expr="{pg_stat_activity_max_idle_in_transaction_seconds} > {seconds}",
+        summary="A session on {db} is idle in transaction for {value_age}",
+        description="A session on {db} has been idle inside an open transaction for {value_age} (threshold "
+                    "{seconds:dur}): it holds its locks and snapshot, which blocks vacuum.",
+    ),
+    AlertSpec(
+        name="PostgresLockWaits", group="activity", config="lock_wait", severity="warning",
+        expr="{pg_lock_wait_max_seconds} > {seconds}",
+        summary="Sessions on {db} wait for locks for {value_age}",
+        description="The oldest lock wait on {db} is {value_age} (threshold {seconds:dur}): a blocking chain is "
+                    "holding up work.",
+    ),
+    AlertSpec(
+        name="PostgresDeadlocks", group="activity", config="deadlocks", severity="warning",
+        expr="increase({pg_stat_database_deadlocks_total}[{window}]) > {count}",
+        summary="Deadlocks on {db}",
+        description="{value_count} deadlocks were detected on {db} in the last {window}; each aborted a "
+                    "transaction.",
+    ),
+    AlertSpec(
+        name="PostgresSlowStatements", group="queries", config="slow_statements", severity="warning",
+        expr="{STATEMENT_MEAN} > {mean_seconds}",
+        summary="Statement {labels.queryid} on {db} takes {value_age} per call",
+        description="Statement {labels.queryid} of {labels.usename} on {db} averaged {value_age} per call over "
+                    "the last {window} (threshold {mean_seconds:dur}).",
+    ),
+    AlertSpec(
+        name="PostgresCacheHitLow", group="queries", config="cache_hit", severity="warning",
+        expr="{CACHE_HIT_DB} < {ratio} and {BLOCKS_DB} > {min_blocks_per_second}",
+        summary="Cache hit ratio on {db} is {value_pct}",
+        description="Only {value_pct} of block accesses on {db} were served from shared buffers over the last "
+                    "{window} (threshold {ratio:%} %, under more than {min_blocks_per_second} block accesses/s): "
+                    "the working set no longer fits.",
+    ),
+    AlertSpec(
+        name="PostgresTableBloat", group="storage", config="bloat", severity="info",
+        # Size = bloat bytes / ratio; a measurement (pgstattuple_approx) wins over the estimate of the same table.
+        expr="({pg_table_bloat_measured_ratio} > {ratio} and "
+             "{pg_table_bloat_measured_bytes} / {pg_table_bloat_measured_ratio} > {min_table_bytes}) "
+             "or {IGNORING_METHOD} (({pg_table_bloat_ratio} > {ratio} and "
+             "{pg_table_bloat_bytes} / {pg_table_bloat_ratio} > {min_table_bytes}) "
+             "unless {IGNORING_METHOD} {pg_table_bloat_measured_ratio})",
+        summary="Table {labels.schemaname}.{labels.relname} on {db} is {value_pct} bloat",
+        description="About {value_pct} of table {labels.schemaname}.{labels.relname} on {db} is dead space, "
+                    "{labels.method} (threshold {ratio:%} % on tables over {min_table_bytes} bytes; a measurement "
+                    "by pgstattuple_approx wins over the estimate).",
+    ),
+    AlertSpec(
+        name="PostgresWraparoundWarning", group="storage", config="wraparound", severity="warning",
+        expr="{WRAPAROUND} > {warning}",
+        summary="{labels.kind} ID age on {db} is {value_pct} of wraparound",
+        description="The oldest {labels.kind} ID in {db} is {value_pct} of the way to wraparound (2^31); "
+                    "anti-wraparound vacuum is not keeping up.",
+    ),
+    AlertSpec(
+        name="PostgresWraparoundCritical", group="storage", config="wraparound", severity="critical",
+        expr="{WRAPAROUND} > {critical}",
+        summary="{labels.kind} ID wraparound approaching on {db} ({value_pct})",
+        description="The oldest {labels.kind} ID in {db} is {value_pct} of the way to wraparound: PostgreSQL "
+                    "stops accepting writes before it gets there.",
+    ),
+    AlertSpec(
+        name="PgvitalsCollectorFailing", group="exporter", config="collector_failing", severity="warning",
+        expr="{pgvitals_collector_success} == 0",
+        summary="Collector {labels.collector} fails on {target}",
+        description="pgvitals collector {labels.collector} has failed on {target} for {for}; its metrics are "
+                    "missing (see pgvitals_collector_errors_total for the reason and the exporter log).",
+    ),
+    AlertSpec(
+        name="PgvitalsCollectorStale", group="exporter", config="collector_stale", severity="warning",
+        expr=_stale_expr,
+        summary="Data of collector {labels.collector} on {target} is {value_age} old",
+        description="pgvitals has not refreshed collector {labels.collector} on {target} for {value_age}, more "
+                    "than {intervals} of its intervals: its runs are slow or stuck.",
+    ),
+)
 
 
 def alert_rules(settings: Settings) -> list[Alert]:
     """Every alert rule, with thresholds and durations from ``settings.alerts`` (disabled ones left out)."""
-    c = settings.alerts
-    window = duration(c.rate_window)
-    target = "{{ $labels.target }}"
-    db = "{{ $labels.target }}/{{ $labels.datname }}"
-    pct = "{{ $value | humanizePercentage }}"
-    rules = [
-        Alert("PgvitalsExporterDown", "availability", f'{m("up", job=c.job)} == 0', c.exporter_down.for_,
-              "critical", "pgvitals exporter {{ $labels.instance }} cannot be scraped",
-              "Prometheus has not scraped job {{ $labels.job }} at {{ $labels.instance }} successfully for "
-              f"{duration(c.exporter_down.for_)}: every PostgreSQL alert below is blind until it is back.",
-              "exporter_down"),
-        Alert("PostgresDown", "availability", f"{m('pg_up')} == 0", c.postgres_down.for_, "critical",
-              f"PostgreSQL {target} is down or refuses the exporter",
-              f"pgvitals could not connect to PostgreSQL target {target} for {duration(c.postgres_down.for_)} "
-              "(instance {{ $labels.instance }}).", "postgres_down"),
-        Alert("PgBouncerDown", "availability", f"{m('pgbouncer_up')} == 0", c.pgbouncer_down.for_, "critical",
-              f"PgBouncer {target} is down or refuses the exporter",
-              f"pgvitals could not connect to the PgBouncer admin console of {target} for "
-              f"{duration(c.pgbouncer_down.for_)}.", "pgbouncer_down"),
-        Alert("PostgresConnectionsHigh", "connections", f"{CONNECTIONS_UTILIZATION} > {number(c.connections.warning)}",
-              c.connections.for_, "warning", f"PostgreSQL {target} uses {pct} of its connection slots",
-              f"Client sessions on {target} are at {pct} of the slots ordinary roles may use (max_connections "
-              f"minus reserved), above {number(c.connections.warning * 100)} % for {duration(c.connections.for_)}.",
-              "connections"),
-        Alert("PostgresConnectionsCritical", "connections",
-              f"{CONNECTIONS_UTILIZATION} > {number(c.connections.critical)}", c.connections.for_, "critical",
-              f"PostgreSQL {target} is about to refuse connections ({pct} used)",
-              f"Client sessions on {target} are at {pct} of the usable slots (threshold "
-              f"{number(c.connections.critical * 100)} %): new application connections will soon fail with "
-              "'too many clients'.", "connections"),
-        Alert("PostgresPoolSaturated", "connections",
-              f"{POOL_UTILIZATION} > {number(c.pool_utilization.utilization)}", c.pool_utilization.for_, "warning",
-              "Application pool {{ $labels.pool }} on " + target + f" is at {pct} of its capacity",
-              "Pool {{ $labels.pool }} holds " + pct + " of its declared capacity on " + target + " (threshold "
-              f"{number(c.pool_utilization.utilization * 100)} %) for {duration(c.pool_utilization.for_)}: "
-              "requests will wait for a connection (SQLAlchemy pool_timeout, SQLx acquire_timeout).",
-              "pool_utilization"),
-        Alert("PgBouncerClientsWaiting", "connections",
-              f"{m('pgbouncer_pools_client_waiting_connections')} > {c.pgbouncer_waiting.clients}",
-              c.pgbouncer_waiting.for_, "warning",
-              "PgBouncer " + target + " has {{ $value }} clients waiting on {{ $labels.database }}/{{ $labels.user }}",
-              "{{ $value }} clients of pool {{ $labels.database }}/{{ $labels.user }} on PgBouncer " + target
-              + f" have waited for a server connection for {duration(c.pgbouncer_waiting.for_)}: pool_size is too "
-              "small for the load or server queries are slow.", "pgbouncer_waiting"),
-        Alert("PostgresReplicationLag", "replication",
-              f"{m('pg_replication_lag_seconds')} > {number(c.replication_lag.warning)}", c.replication_lag.for_,
-              "warning", f"Standby {target} replays {{{{ $value | humanizeDuration }}}} behind its primary",
-              f"Standby {target} is {{{{ $value | humanizeDuration }}}} behind (threshold "
-              f"{duration(c.replication_lag.warning)}): reads there are stale and a failover would lose that much.",
-              "replication_lag"),
-        Alert("PostgresReplicationLagCritical", "replication",
-              f"{m('pg_replication_lag_seconds')} > {number(c.replication_lag.critical)}", c.replication_lag.for_,
-              "critical", f"Standby {target} is {{{{ $value | humanizeDuration }}}} behind: beyond the RPO",
-              f"Standby {target} is {{{{ $value | humanizeDuration }}}} behind its primary, past "
-              f"{duration(c.replication_lag.critical)} (the recovery point objective): a failover now loses more "
-              "data than planned.", "replication_lag"),
-        Alert("PostgresReplicationLagBytes", "replication",
-              f"{m('pg_stat_replication_replay_lag_bytes')} > {c.replication_lag_bytes.bytes}",
-              c.replication_lag_bytes.for_, "warning",
-              "Standby {{ $labels.application_name }} of " + target + " is {{ $value | humanize1024 }}B behind",
-              "The primary " + target + " has sent WAL that standby {{ $labels.application_name }} "
-              "({{ $labels.client_addr }}) has not replayed: {{ $value | humanize1024 }}B, above "
-              f"{c.replication_lag_bytes.bytes} bytes for {duration(c.replication_lag_bytes.for_)}.",
-              "replication_lag_bytes"),
-        Alert("PostgresReplicationSlotInactive", "replication", f"{m('pg_replication_slot_active')} == 0",
-              c.slot_inactive.for_, "warning",
-              "Replication slot {{ $labels.slot_name }} on " + target + " is inactive",
-              "Slot {{ $labels.slot_name }} ({{ $labels.slot_type }}) on " + target + " has had no consumer for "
-              f"{duration(c.slot_inactive.for_)}: it keeps WAL (and for logical slots, catalog rows) until it is "
-              "consumed or dropped.", "slot_inactive"),
-        Alert("PostgresReplicationSlotRetainingWal", "replication",
-              f"{m('pg_replication_slot_retained_bytes')} > {c.slot_retained.bytes}", c.slot_retained.for_,
-              "warning", "Slot {{ $labels.slot_name }} on " + target + " retains {{ $value | humanize1024 }}B of WAL",
-              "Replication slot {{ $labels.slot_name }} on " + target + " holds back {{ $value | humanize1024 }}B "
-              f"of WAL (threshold {c.slot_retained.bytes} bytes): the disk fills if its consumer does not "
-              "catch up.", "slot_retained"),
-        Alert("PostgresWalArchivingFailing", "replication",
-              f"increase({m('pg_stat_archiver_failed_total')}[{window}]) > 0 "
-              f"unless {m('pg_stat_archiver_last_archive_age_seconds')} "
-              f"< {m('pg_stat_archiver_last_failure_age_seconds')}",
-              c.archiving.for_, "critical", f"WAL archiving is failing on {target}",
-              f"archive_command failed {{{{ $value | humanize }}}} times in the last {window} on {target} and has "
-              "not succeeded since: WAL piles up in pg_wal and point-in-time recovery falls behind.",
-              "archiving"),
-        Alert("PostgresLongRunningQuery", "activity",
-              f"{m('pg_stat_activity_max_query_duration_seconds')} > {number(c.long_query.seconds)}",
-              c.long_query.for_, "warning", f"A query on {db} has run for {{{{ $value | humanizeDuration }}}}",
-              f"The longest active query on {db} has been running for {{{{ $value | humanizeDuration }}}} "
-              f"(threshold {duration(c.long_query.seconds)}).", "long_query"),
-        Alert("PostgresIdleInTransaction", "activity",
-              f"{m('pg_stat_activity_max_idle_in_transaction_seconds')} > {number(c.idle_in_transaction.seconds)}",
-              c.idle_in_transaction.for_, "warning",
-              f"A session on {db} is idle in transaction for {{{{ $value | humanizeDuration }}}}",
-              f"A session on {db} has been idle inside an open transaction for {{{{ $value | humanizeDuration }}}} "
-              f"(threshold {duration(c.idle_in_transaction.seconds)}): it holds its locks and snapshot, which "
-              "blocks vacuum.", "idle_in_transaction"),
-        Alert("PostgresLockWaits", "activity",
-              f"{m('pg_lock_wait_max_seconds')} > {number(c.lock_wait.seconds)}", c.lock_wait.for_, "warning",
-              f"Sessions on {db} wait for locks for {{{{ $value | humanizeDuration }}}}",
-              f"The oldest lock wait on {db} is {{{{ $value | humanizeDuration }}}} (threshold "
-              f"{duration(c.lock_wait.seconds)}): a blocking chain is holding up work.", "lock_wait"),
-        Alert("PostgresDeadlocks", "activity",
-              f"increase({m('pg_stat_database_deadlocks_total')}[{window}]) > {c.deadlocks.count}",
-              c.deadlocks.for_, "warning", f"Deadlocks on {db}",
-              f"{{{{ $value | humanize }}}} deadlocks were detected on {db} in the last {window}; each aborted a "
-              "transaction.", "deadlocks"),
-        Alert("PostgresSlowStatements", "queries", f"{STATEMENT_MEAN} > {number(c.slow_statements.mean_seconds)}",
-              c.slow_statements.for_, "warning",
-              "Statement {{ $labels.queryid }} on " + db + " takes {{ $value | humanizeDuration }} per call",
-              "Statement {{ $labels.queryid }} of {{ $labels.usename }} on " + db + " averaged "
-              f"{{{{ $value | humanizeDuration }}}} per call over the last {window} (threshold "
-              f"{duration(c.slow_statements.mean_seconds)}).", "slow_statements"),
-        Alert("PostgresCacheHitLow", "queries",
-              f"{CACHE_HIT_DB} < {number(c.cache_hit.ratio)} "
-              f"and {BLOCKS_DB} > {number(c.cache_hit.min_blocks_per_second)}",
-              c.cache_hit.for_, "warning", f"Cache hit ratio on {db} is {pct}",
-              f"Only {pct} of block accesses on {db} were served from shared buffers over the last {window} "
-              f"(threshold {number(c.cache_hit.ratio * 100)} %, under more than "
-              f"{number(c.cache_hit.min_blocks_per_second)} block accesses/s): the working set no longer fits.",
-              "cache_hit"),
-        Alert("PostgresTableBloat", "storage",
-              f"{_bloat('pg_table_bloat_measured', c.bloat.ratio, c.bloat.min_table_bytes)} or ignoring (method) "
-              f"({_bloat('pg_table_bloat', c.bloat.ratio, c.bloat.min_table_bytes)} "
-              f"unless ignoring (method) {m('pg_table_bloat_measured_ratio')})",
-              c.bloat.for_, "info",
-              "Table {{ $labels.schemaname }}.{{ $labels.relname }} on " + db + " is " + pct + " bloat",
-              "About " + pct + " of table {{ $labels.schemaname }}.{{ $labels.relname }} on " + db
-              + " is dead space, {{ $labels.method }} (threshold " + f"{number(c.bloat.ratio * 100)} % on tables over "
-              f"{c.bloat.min_table_bytes} bytes; a measurement by pgstattuple_approx wins over the estimate).",
-              "bloat"),
-        Alert("PostgresWraparoundWarning", "storage", f"{WRAPAROUND} > {number(c.wraparound.warning)}",
-              c.wraparound.for_, "warning", f"{{{{ $labels.kind }}}} ID age on {db} is {pct} of wraparound",
-              f"The oldest {{{{ $labels.kind }}}} ID in {db} is {pct} of the way to wraparound (2^31); "
-              "anti-wraparound vacuum is not keeping up.", "wraparound"),
-        Alert("PostgresWraparoundCritical", "storage", f"{WRAPAROUND} > {number(c.wraparound.critical)}",
-              c.wraparound.for_, "critical", f"{{{{ $labels.kind }}}} ID wraparound approaching on {db} ({pct})",
-              f"The oldest {{{{ $labels.kind }}}} ID in {db} is {pct} of the way to wraparound: PostgreSQL stops "
-              "accepting writes before it gets there.", "wraparound"),
-        Alert("PgvitalsCollectorFailing", "exporter", f"{m('pgvitals_collector_success')} == 0",
-              c.collector_failing.for_, "warning",
-              "Collector {{ $labels.collector }} fails on " + target,
-              "pgvitals collector {{ $labels.collector }} has failed on " + target + " for "
-              f"{duration(c.collector_failing.for_)}; its metrics are missing (see pgvitals_collector_errors_total "
-              "for the reason and the exporter log).", "collector_failing"),
-        Alert("PgvitalsCollectorStale", "exporter", _stale_expr(settings), c.collector_stale.for_, "warning",
-              "Data of collector {{ $labels.collector }} on " + target + " is {{ $value | humanizeDuration }} old",
-              "pgvitals has not refreshed collector {{ $labels.collector }} on " + target + " for "
-              f"{{{{ $value | humanizeDuration }}}}, more than {number(c.collector_stale.intervals)} of its "
-              "intervals: its runs are slow or stuck.", "collector_stale"),
-    ]
-    return [rule for rule in rules if getattr(c, rule.config_key).enabled]
+    rules = []
+    for declared in ALERTS:
+        section = getattr(settings.alerts, declared.config)
+        if not section.enabled:
+            continue
+        expr = fill(declared.expr, settings, section, metrics=True) if isinstance(declared.expr, str) \
+            else declared.expr(settings)
+        if expr is None:
+            continue
+        rules.append(Alert(
+            name=declared.name, group=declared.group, expr=expr, for_=section.for_, severity=declared.severity,
+            summary=fill(declared.summary, settings, section, metrics=False),
+            description=fill(declared.description, settings, section, metrics=False), config_key=declared.config,
+        ))
+    return rules
 
 
 def rule_groups(settings: Settings) -> dict[str, Any]:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import yaml
 from psycopg.conninfo import conninfo_to_dict
@@ -18,40 +20,22 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
 
+from exporter.durations import parse_duration
+
 DEFAULT_PORT = 9839  # postgres_exporter owns 9187; 9839 is free in Prometheus' port list
 DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_PORT}"
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-
-
-def parse_duration(value: Any) -> float:
-    """Seconds from a number or a string such as ``500ms``, ``30s``, ``5m``, ``1h``."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as 30s, 5m or a number of seconds")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str) and (match := _DURATION.match(value)):
-        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    else:
-        raise ValueError("expected a duration such as 30s, 5m or a number of seconds")
-    if seconds <= 0:
-        raise ValueError("must be a positive duration")
-    return seconds
-
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
 def _parse_pending(value: Any) -> float:
-    """Like parse_duration, but 0 is allowed: an alert with ``for: 0`` fires at its first evaluation."""
-    if value in (0, "0", "0s") and not isinstance(value, bool):
-        return 0.0
-    return parse_duration(value)
+    """A duration where 0 is allowed: an alert with ``for: 0`` fires at its first evaluation."""
+    return parse_duration(value, allow_zero=True)
 
 
 PendingDuration = Annotated[float, BeforeValidator(_parse_pending)]
@@ -106,26 +90,25 @@ ConstLabels = Annotated[dict[str, str], AfterValidator(_check_labels)]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]+$", max_length=120)]
 
 
-class TargetConfig(_Strict):
-    """One PostgreSQL server to monitor."""
+class Endpoint(_Strict):
+    """What targets and PgBouncers share: a name, a connection string, where its password is, constant labels."""
 
     name: Name
     dsn: Dsn
     password_file: Path | None = None
     password_env: str | None = None
-    databases: DatabaseFilter = Field(default_factory=DatabaseFilter)
     labels: ConstLabels = Field(default_factory=dict)
+
+
+class TargetConfig(Endpoint):
+    """One PostgreSQL server to monitor."""
+
+    databases: DatabaseFilter = Field(default_factory=DatabaseFilter)
     max_connections: int = Field(default=2, ge=1, le=20)
 
 
-class PgBouncerConfig(_Strict):
+class PgBouncerConfig(Endpoint):
     """One PgBouncer admin console to monitor."""
-
-    name: Name
-    dsn: Dsn
-    password_file: Path | None = None
-    password_env: str | None = None
-    labels: ConstLabels = Field(default_factory=dict)
 
 
 def _not_unmatched(value: str) -> str:
@@ -156,13 +139,50 @@ class PoolConfig(_Strict):
 
 
 class CollectorOverride(BaseModel):
-    """Per-collector switches; extra keys are the collector's declared parameters."""
+    """Per-collector switches as the engine reads them; extra keys are the collector's declared parameters.
+
+    The YAML is validated first by the model :func:`collector_settings_model` generates from the catalog.
+    """
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
     enabled: bool | None = None  # None: the collector's default (tuning a disabled one does not enable it)
     interval: Duration | None = None
     timeout: Duration | None = None
+
+
+class CollectorSettings(_Strict):
+    """The switches every collector takes; generated subclasses add the collector's declared parameters."""
+
+    enabled: bool | None = None
+    interval: Duration | None = None
+    timeout: Duration | None = None
+
+
+@functools.cache
+def collector_settings_model(name: str) -> type[CollectorSettings]:
+    """A model of ``collectors.<name>``: the common switches plus one typed field per declared ``Param``."""
+    from exporter import catalog
+
+    fields: dict[str, Any] = {}
+    for param in catalog.load().by_name[name].params:
+        kind: Any = type(param.default)
+        minimum = 0 if kind in (int, float) else None  # counts, sizes and seconds: never negative
+        # Strict: YAML already gives typed values, and `top_n: true` or `query_text: 1` is a mistake.
+        # A parameter named like a BaseModel attribute (`schema`) gets another field name, its YAML key as alias.
+        field_name = f"{param.name}_" if hasattr(CollectorSettings, param.name) else param.name
+        fields[field_name] = (kind | None, Field(default=None, alias=param.name, strict=True, ge=minimum,
+                                                 description=param.help))
+    return create_model(f"{name}_settings", __base__=CollectorSettings, __doc__=f"collectors.{name}", **fields)
+
+
+@functools.cache
+def collectors_section_model() -> type[BaseModel]:
+    """A model of the ``collectors:`` section: one optional entry per catalog collector, nothing else."""
+    from exporter import catalog
+
+    fields: dict[str, Any] = {name: (collector_settings_model(name) | None, None) for name in catalog.load().by_name}
+    return create_model("collectors_section", __base__=_Strict, __doc__="collectors", **fields)
 
 
 class LogConfig(_Strict):
@@ -318,7 +338,8 @@ class AlertsConfig(_Strict):
 
     job: str = Field(default="pgvitals", min_length=1)  # the Prometheus job scraping pgvitals
     rate_window: Duration = 300.0
-    runbook_url: str = Field(default="docs/runbooks.md", min_length=1)
+    runbook_base_url: str | None = None  # where docs/ is published; None: links relative to the repository
+    runbook_url: None = Field(default=None, exclude=True)  # replaced by runbook_base_url: say so when given
     labels: ConstLabels = Field(default_factory=dict)
     exporter_down: DownAlert = Field(default_factory=DownAlert)
     postgres_down: DownAlert = Field(default_factory=DownAlert)
@@ -343,6 +364,26 @@ class AlertsConfig(_Strict):
     collector_stale: CollectorStaleAlert = Field(default_factory=CollectorStaleAlert)
 
 
+    @field_validator("runbook_base_url")
+    @classmethod
+    def _absolute_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError("expected an absolute http:// or https:// URL (a notification has no base to "
+                                 "resolve a relative link against)")
+            if parts.fragment:
+                raise ValueError("give the URL without a #fragment (each alert adds its own anchor), or end it "
+                                 "with # to name the runbook page itself")
+        return value
+
+    @field_validator("runbook_url", mode="before")
+    @classmethod
+    def _renamed(cls, value: Any) -> None:
+        raise ValueError("replaced by runbook_base_url: the URL where docs/ is published "
+                         "(each rule links to <base>/runbooks.md#<alert>)")
+
+
 class Settings(_Strict):
     """The whole validated configuration."""
 
@@ -359,6 +400,14 @@ class Settings(_Strict):
     workers: int = Field(default=0, ge=0, le=256)  # 0: sized from the number of targets
     log: LogConfig = Field(default_factory=LogConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+
+    @field_validator("collectors", mode="before")
+    @classmethod
+    def _declared_collectors(cls, value: Any) -> Any:
+        """Check names, switches and parameters against the catalog (errors keep their YAML path)."""
+        section = collectors_section_model().model_validate(value)
+        given = ((name, entry) for name, entry in section if entry is not None)
+        return {name: entry.model_dump(exclude_unset=True, by_alias=True) for name, entry in given}
 
     @field_validator("listen")
     @classmethod
@@ -390,7 +439,12 @@ ENV_OVERRIDES: Mapping[str, tuple[str, ...]] = {
 }
 
 
-def _yaml_path(loc: tuple[int | str, ...]) -> str:
+Loc = tuple[int | str, ...]
+#: One problem: where (a path into the YAML document) and what.
+Problem = tuple[Loc, str]
+
+
+def _yaml_path(loc: Loc) -> str:
     out = ""
     for part in loc:
         if isinstance(part, int):
@@ -400,40 +454,102 @@ def _yaml_path(loc: tuple[int | str, ...]) -> str:
     return out or "(top level)"
 
 
+def _unknown_key(loc: Loc) -> str:
+    """Say what is known where a key is unknown: collectors and their parameters are many and easy to misspell."""
+    from exporter import catalog
+
+    if len(loc) == 2 and loc[0] == "collectors":
+        return f"unknown collector (known: {', '.join(sorted(catalog.load().by_name))})"
+    if len(loc) == 3 and loc[0] == "collectors" and str(loc[1]) in catalog.load().by_name:
+        declared = catalog.load().by_name[str(loc[1])].param_defaults()
+        return f"unknown key (parameters: {', '.join(sorted(declared)) or 'none'})"
+    return "unknown key"
+
+
 def _describe(error: Mapping[str, Any]) -> str:
     kind = error["type"]
     if kind == "missing":
         return "missing"
     if kind == "extra_forbidden":
-        return "unknown key"
+        return _unknown_key(error["loc"])
     message = str(error["msg"])
     return message.removeprefix("Value error, ")
 
 
-def _read_yaml(path: Path) -> Any:
+def node_lines(node: yaml.Node | None) -> dict[Loc, int]:
+    """The 1-based line of every path in a composed YAML document (a mapping key's line for its value)."""
+    lines: dict[Loc, int] = {}
+
+    def walk(current: yaml.Node, loc: Loc, line: int, seen: frozenset[int]) -> None:
+        lines[loc] = line
+        if id(current) in seen:
+            return  # an alias back into its own ancestor: YAML allows it, and it has no new lines
+        inside = seen | {id(current)}
+        if isinstance(current, yaml.MappingNode):
+            for key, value in current.value:
+                if isinstance(key, yaml.ScalarNode):
+                    walk(value, (*loc, key.value), key.start_mark.line + 1, inside)
+        elif isinstance(current, yaml.SequenceNode):
+            for index, item in enumerate(current.value):
+                walk(item, (*loc, index), item.start_mark.line + 1, inside)
+
+    if node is not None:
+        walk(node, (), node.start_mark.line + 1, frozenset())
+    return lines
+
+
+def _read_yaml(path: Path) -> tuple[Any, dict[Loc, int]]:
+    """The document and the line of each of its paths."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read the file ({exc.strerror})"]) from None
+    loader = yaml.SafeLoader(text)
     try:
-        return yaml.safe_load(text) or {}
+        node = loader.get_single_node()  # kept, for the lines of the paths errors name
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
         raise ConfigError([f"{path}: not valid YAML at {where}: {getattr(exc, 'problem', exc)}"]) from None
+    finally:
+        loader.dispose()
+    return data or {}, node_lines(node)
 
 
-def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> list[Loc]:
+    """Apply the environment overrides; return the paths whose values no longer come from the file."""
+    overridden: list[Loc] = []
     for variable, path in ENV_OVERRIDES.items():
         if variable in environ:
             node = data
             for key in path[:-1]:
                 node = node.setdefault(key, {})
             node[path[-1]] = environ[variable]
+            overridden.append(path)
     dsn = environ.get("PGVITALS_DSN") or environ.get("DATA_SOURCE_NAME")
     if dsn and not data.get("targets"):
         # postgres_exporter users: DATA_SOURCE_NAME alone is a one-target configuration.
         data["targets"] = [{"name": environ.get("PGVITALS_TARGET_NAME", "default"), "dsn": dsn}]
+        overridden.append(("targets",))
+    return overridden
+
+
+def _line(loc: Loc, lines: Mapping[Loc, int]) -> int | None:
+    """The line of ``loc`` in the file, or of its nearest ancestor there (a missing key: its mapping's)."""
+    for length in range(len(loc), 0, -1):
+        if (line := lines.get(loc[:length])) is not None:
+            return line
+    return None
+
+
+def _report(problems: list[Problem], lines: Mapping[Loc, int]) -> list[str]:
+    """``path (line N): message`` lines in file order, each once; problems without a line last."""
+    located = [(_line(loc, lines), loc, message) for loc, message in problems]
+    located.sort(key=lambda item: float("inf") if item[0] is None else item[0])
+    texts = [f"{_yaml_path(loc)}{'' if line is None else f' (line {line})'}: {message}"
+             for line, loc, message in located]
+    return sorted(set(texts), key=texts.index)
 
 
 def load_settings(
@@ -443,37 +559,39 @@ def load_settings(
 ) -> Settings:
     """Read, override from the environment and validate; raise ConfigError with every problem."""
     environ = os.environ if environ is None else environ
+    lines: dict[Loc, int] = {}
     if raw is not None:
         data: Any = dict(raw)
     elif path is not None:
-        data = _read_yaml(path)
+        data, lines = _read_yaml(path)
     else:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(["(top level): expected a mapping of settings"])
-    _apply_env(data, environ)
-    problems: list[str] = []
+    for replaced in _apply_env(data, environ):
+        lines = {loc: line for loc, line in lines.items() if loc[:len(replaced)] != replaced}
+    problems: list[Problem] = []
     settings: Settings | None = None
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
-        problems.extend(f"{_yaml_path(e['loc'])}: {_describe(e)}" for e in exc.errors())
+        problems.extend((tuple(e["loc"]), _describe(e)) for e in exc.errors())
     problems.extend(_semantic_problems(data, environ))
     if problems or settings is None:
-        raise ConfigError(sorted(set(problems), key=problems.index))
+        raise ConfigError(_report(problems, lines))
     return settings
 
 
-def _semantic_problems(data: Mapping[str, Any], environ: Mapping[str, str]) -> list[str]:
+def _semantic_problems(data: Mapping[str, Any], environ: Mapping[str, str]) -> list[Problem]:
     """Cross-field checks, done on the raw data so they report alongside type errors."""
     from exporter import catalog as catalog_module
 
-    problems: list[str] = []
+    problems: list[Problem] = []
+    if not data.get("targets") and not data.get("pgbouncers"):
+        problems.append((("targets",), "at least one target (or pgbouncer) is needed"))
     for section in ("targets", "pgbouncers", "pools"):
         items = data.get(section)
         if not isinstance(items, list):
-            if section == "targets" and not items and not data.get("pgbouncers"):
-                problems.append("targets: at least one target (or pgbouncer) is needed")
             continue
         seen: dict[str, int] = {}
         for index, item in enumerate(items):
@@ -482,66 +600,42 @@ def _semantic_problems(data: Mapping[str, Any], environ: Mapping[str, str]) -> l
             name = item.get("name")
             if isinstance(name, str):
                 if name in seen:
-                    problems.append(f"{section}[{index}].name: duplicate of {section}[{seen[name]}] ({name!r})")
+                    problems.append(((section, index, "name"), f"duplicate of {section}[{seen[name]}] ({name!r})"))
                 seen.setdefault(name, index)
             if section != "pools":
-                problems.extend(_secret_problems(f"{section}[{index}]", item, environ))
-        if section == "targets" and not items and not data.get("pgbouncers"):
-            problems.append("targets: at least one target (or pgbouncer) is needed")
-    pools = data.get("pools")
-    if isinstance(pools, list):
-        for index, pool in enumerate(pools):
-            if isinstance(pool, dict) and not any(pool.get(k) for k in ("application_name", "usename", "client_addr")):
-                problems.append(f"pools[{index}]: give application_name, usename or client_addr to match sessions")
+                problems.extend(_secret_problems((section, index), item, environ))
+            elif not any(item.get(k) for k in ("application_name", "usename", "client_addr")):
+                problems.append(((section, index), "give application_name, usename or client_addr to match sessions"))
     collectors = data.get("collectors")
     if isinstance(collectors, dict):
         known = catalog_module.load().by_name
         for name, override in collectors.items():
-            where = f"collectors.{name}"
-            if name not in known:
-                problems.append(f"{where}: unknown collector (known: {', '.join(sorted(known))})")
-                continue
-            if isinstance(override, dict):
-                problems.extend(_override_problems(where, known[name], override))
+            if name in known and isinstance(override, dict):
+                problems.extend(_timeout_problems(("collectors", name), known[name], override))
     return problems
 
 
-def _secret_problems(where: str, item: Mapping[str, Any], environ: Mapping[str, str]) -> list[str]:
-    problems = []
+def _secret_problems(where: Loc, item: Mapping[str, Any], environ: Mapping[str, str]) -> list[Problem]:
+    problems: list[Problem] = []
     password_file = item.get("password_file")
     if isinstance(password_file, str):
         try:
             Path(password_file).read_text(encoding="utf-8")
         except OSError as exc:
-            problems.append(f"{where}.password_file: cannot read {password_file} ({exc.strerror})")
+            problems.append(((*where, "password_file"), f"cannot read {password_file} ({exc.strerror})"))
     password_env = item.get("password_env")
     if isinstance(password_env, str) and password_env not in environ:
-        problems.append(f"{where}.password_env: environment variable {password_env} is not set")
+        problems.append(((*where, "password_env"), f"environment variable {password_env} is not set"))
     return problems
 
 
-def _override_problems(where: str, collector: Any, override: Mapping[str, Any]) -> list[str]:
-    problems = []
-    declared = collector.param_defaults()
-    for key, value in override.items():
-        if key in ("enabled", "interval", "timeout"):
-            continue
-        if key not in declared:
-            problems.append(f"{where}.{key}: unknown key (parameters: {', '.join(sorted(declared)) or 'none'})")
-            continue
-        expected = type(declared[key])
-        ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            ok = True
-        if not ok:
-            problems.append(f"{where}.{key}: expected {expected.__name__}, got {type(value).__name__}")
-        elif isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
-            problems.append(f"{where}.{key}: must not be negative")
+def _timeout_problems(where: Loc, collector: Any, override: Mapping[str, Any]) -> list[Problem]:
+    """The timeout must stay below the interval, either of them possibly the collector's default."""
     try:
         interval = parse_duration(override.get("interval", collector.interval))
         timeout = parse_duration(override.get("timeout", collector.timeout))
     except ValueError:
-        return problems  # the type error is reported by the schema
+        return []  # the type error is reported by the schema
     if timeout >= interval:
-        problems.append(f"{where}.timeout: {timeout:g}s must be shorter than the interval ({interval:g}s)")
-    return problems
+        return [((*where, "timeout"), f"{timeout:g}s must be shorter than the interval ({interval:g}s)")]
+    return []

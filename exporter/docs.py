@@ -6,6 +6,9 @@ from collections import defaultdict
 
 from exporter.catalog import Catalog, Collector, MetricSpec
 
+#: How docs name a parameter's type; the config accepts exactly that type (exporter.config.collector_settings_model).
+_PARAM_TYPES = {bool: "true/false", int: "integer >= 0", float: "number >= 0", str: "text"}
+
 
 def _versions(collector: Collector) -> str:
     if collector.target_kind == "pgbouncer":
@@ -70,7 +73,8 @@ def metrics_markdown(catalog: Catalog) -> str:
             if collector.writes:
                 lines.append("- Writes: in a read-write transaction that commits (every other collector only reads).")
             for param in collector.params:
-                lines.append(f"- Parameter `{param.name}` (default `{param.default}`): {param.help}")
+                lines.append(f"- Parameter `{param.name}` ({_PARAM_TYPES[type(param.default)]}, default "
+                             f"`{param.default}`): {param.help}")
             if collector.notes:
                 lines.append(f"- {collector.notes}")
             lines += ["", "| metric | type | unit | labels | meaning |", "|---|---|---|---|---|"]

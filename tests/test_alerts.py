@@ -13,13 +13,16 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
-from exporter.alerts import RULE_FILE, alert_rules, recording_rules, render_rules
+from exporter.alerts import RULE_FILE, alert_rules, connections_utilization, fill, recording_rules, render_rules
+from exporter.cli import main
 from exporter.config import AlertsConfig, ConfigError, Settings, load_settings
-from exporter.dashboards.promql import PROMETHEUS_BUILTINS, reference_problems, references
+from exporter.dashboards.promql import PROMETHEUS_BUILTINS, UnknownMetric, grouping, references
+from tests.support.promql_check import reference_problems
 
 ROOT = Path(__file__).parent.parent
 PROMTOOL = "/usr/bin/promtool"
@@ -434,7 +437,7 @@ def test_configuration_changes_thresholds_durations_and_switches() -> None:
     settings = load_settings(raw={
         "targets": [{"name": "a", "dsn": "host=x"}],
         "collectors": {"pg_stat_database": {"interval": "1m"}},
-        "alerts": {"rate_window": "2m", "runbook_url": "https://wiki.example/pg", "labels": {"team": "db"},
+        "alerts": {"rate_window": "2m", "runbook_base_url": "https://wiki.example/pg/", "labels": {"team": "db"},
                    "connections": {"warning": 0.6, "critical": 0.7, "for": "30s"},
                    "bloat": {"enabled": False}, "deadlocks": {"for": 0},
                    "collector_stale": {"intervals": 2}},
@@ -445,7 +448,7 @@ def test_configuration_changes_thresholds_durations_and_switches() -> None:
     assert rules["PostgresConnectionsHigh"]["for"] == "30s"
     assert "for" not in rules["PostgresDeadlocks"] and "[2m]" in rules["PostgresDeadlocks"]["expr"]
     assert rules["PostgresDown"]["labels"] == {"severity": "critical", "team": "db"}
-    assert rules["PostgresDown"]["annotations"]["runbook_url"] == "https://wiki.example/pg#postgresdown"
+    assert rules["PostgresDown"]["annotations"]["runbook_url"] == "https://wiki.example/pg/runbooks.md#postgresdown"
     stale = rules["PgvitalsCollectorStale"]["expr"]
     assert re.search(r'collector=~"[^"]*pg_stat_database[^"]*"} > 120\b', stale), stale
 
@@ -458,11 +461,79 @@ def test_configuration_changes_thresholds_durations_and_switches() -> None:
     ({"slow_statement": {}}, "alerts.slow_statement: unknown key"),
     ({"bloat": {"min_table_bytes": -1}}, "alerts.bloat.min_table_bytes: Input should be greater than or equal to 0"),
     ({"labels": {"severity": "x", "bad-name": "y"}}, "alerts.labels: label name 'bad-name'"),
+    ({"runbook_base_url": "docs/"}, "alerts.runbook_base_url: expected an absolute http:// or https:// URL"),
+    ({"runbook_base_url": "ftp://files.example/docs"}, "alerts.runbook_base_url: expected an absolute http"),
+    ({"runbook_base_url": "https:///docs"}, "alerts.runbook_base_url: expected an absolute http"),
+    ({"runbook_base_url": "https://x.example/docs#top"}, "alerts.runbook_base_url: give the URL without a #fragment"),
+    ({"runbook_url": "https://x.example/runbooks.md"}, "alerts.runbook_url: replaced by runbook_base_url"),
 ])
 def test_bad_alert_configuration_is_reported_with_its_path(alerts: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError) as error:
         load_settings(raw={"targets": [{"name": "a", "dsn": "host=x"}], "alerts": alerts}, environ={})
     assert any(problem.startswith(message) for problem in error.value.problems), error.value.problems
+
+
+@pytest.mark.parametrize(("base", "expected"), [
+    ("https://github.com/acme/pgvitals/blob/main/docs", "https://github.com/acme/pgvitals/blob/main/docs/runbooks.md"),
+    ("https://github.com/acme/pgvitals/blob/main/docs/", "https://github.com/acme/pgvitals/blob/main/docs/runbooks.md"),
+    ("https://docs.example/pgvitals/runbooks.html", "https://docs.example/pgvitals/runbooks.html"),
+    ("https://github.com/acme/pgvitals/wiki/Runbooks#", "https://github.com/acme/pgvitals/wiki/Runbooks"),
+    ("http://intranet/docs?ref=v2", "http://intranet/docs/runbooks.md?ref=v2"),
+])
+def test_every_runbook_url_is_absolute_when_a_base_is_set(base: str, expected: str, tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(f"targets: [{{name: a, dsn: 'host=x'}}]\nalerts:\n  runbook_base_url: '{base}'\n")
+    assert main(["alerts", "--config", str(config), "--out", str(tmp_path / "out")]) == 0
+    written = yaml.safe_load((tmp_path / "out" / RULE_FILE).read_text(encoding="utf-8"))
+    urls = {rule["alert"]: rule["annotations"]["runbook_url"]
+            for group in written["groups"] for rule in group["rules"] if "alert" in rule}
+    assert set(urls) == {rule.name for rule in alert_rules(Settings())}
+    for name, url in urls.items():
+        parts = urlsplit(url)
+        assert parts.scheme in ("http", "https") and parts.netloc, url
+        assert url == f"{expected}#{name.lower()}", url
+
+
+def test_without_a_base_runbook_urls_stay_repository_relative() -> None:
+    for rule in alert_rules(Settings()):
+        assert rule.to_yaml(AlertsConfig())["annotations"]["runbook_url"] == f"docs/runbooks.md#{rule.name.lower()}"
+
+
+def test_rules_without_any_enabled_collector(tmp_path: Path) -> None:
+    """No collector enabled: nothing can go stale, so the stale alert is left out (it used to crash)."""
+    from exporter.catalog import load
+
+    settings = load_settings(raw={"targets": [{"name": "a", "dsn": "host=x"}],
+                                  "collectors": {c.name: {"enabled": False} for c in load().collectors}}, environ={})
+    names = {rule.name for rule in alert_rules(settings)}
+    assert "PgvitalsCollectorStale" not in names
+    assert "PgvitalsCollectorFailing" in names
+    path = tmp_path / RULE_FILE
+    path.write_text(render_rules(settings))
+    result = run_promtool("check", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_templates_name_only_known_fields() -> None:
+    """A text naming a value that is neither a setting nor a Prometheus field fails at generation."""
+    section = AlertsConfig().connections
+    assert fill("above {warning:%} % for {for}, {value_pct} on {labels.pool}", Settings(), section, metrics=False) \
+        == "above 80 % for 5m, {{ $value | humanizePercentage }} on {{ $labels.pool }}"
+    with pytest.raises(KeyError, match="thresold"):
+        fill("above {thresold}", Settings(), section, metrics=False)
+    with pytest.raises(UnknownMetric):
+        fill("{pg_connection} > {warning}", Settings(), section, metrics=True)
+    for rule in alert_rules(Settings()):
+        for text in (rule.summary, rule.description):
+            assert not re.search(r"(?<!\{)\{(?!\{)|(?<!\})\}(?!\})", text), f"{rule.name}: unfilled field in {text!r}"
+
+
+def test_label_lists_come_from_the_catalog() -> None:
+    assert "sum without (datname, usename, application_name, state)" in connections_utilization()
+    with pytest.raises(UnknownMetric, match="no label"):
+        grouping("without", ("datname",), "pg_connections_max")
+    with pytest.raises(UnknownMetric, match="empty label list"):
+        grouping("by", (), "pg_up")
 
 
 def test_example_configuration_alerts_section_is_valid() -> None:

@@ -18,7 +18,8 @@ from exporter.alerts import recording_rules
 from exporter.config import AlertsConfig
 from exporter.dashboards import build_dashboards, generated_files
 from exporter.dashboards.grafana import SCHEMA_VERSION
-from exporter.dashboards.promql import PromQLSyntaxError, expand_variables, reference_problems, references
+from exporter.dashboards.promql import PromQLSyntaxError, references
+from tests.support.promql_check import expand_variables, reference_problems
 
 ROOT = Path(__file__).parent.parent
 PROMTOOL = "/usr/bin/promtool"

@@ -3,7 +3,7 @@
 Every metric an expression names goes through :func:`m` (or :func:`spec`), which raises when the catalog
 does not declare it, so a renamed metric breaks generation instead of shipping a query that never matches.
 :func:`referenced_metrics` parses names back out of finished expressions, so tests can check the result
-independently of how it was built.
+independently of how it was built (tests/support/promql_check.py).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 
 from exporter.catalog import MetricSpec, load
+from exporter.durations import format_duration
 
 #: Names Prometheus itself provides (scrape health and alert state), usable next to our metrics.
 PROMETHEUS_BUILTINS = frozenset({
@@ -63,15 +64,31 @@ def has_label(name: str, label: str) -> bool:
     return label in declared.labels or (label == "target" and declared.per_target)
 
 
+def labels_of(name: str) -> tuple[str, ...]:
+    """Every label catalog metric ``name`` carries, ``target`` first when it has one."""
+    declared = spec(name)
+    return (("target",) if declared.per_target else ()) + declared.labels
+
+
+def labels_beyond(name: str, other: str) -> tuple[str, ...]:
+    """Labels of ``name`` that ``other`` does not carry (what to aggregate away before matching them)."""
+    return tuple(label for label in labels_of(name) if label not in labels_of(other))
+
+
+def grouping(keyword: str, labels: tuple[str, ...], *metrics: str) -> str:
+    """A label list such as ``without (datname)``; each label must be one every metric in ``metrics`` carries."""
+    for name in metrics:
+        missing = [label for label in labels if label not in labels_of(name)]
+        if missing:
+            raise UnknownMetric(f"metric {name} has no label {missing} for {keyword} (...)")
+    if not labels:
+        raise UnknownMetric(f"empty label list for {keyword} (...) over {', '.join(metrics)}")
+    return f"{keyword} ({', '.join(labels)})"
+
+
 def duration(seconds: float) -> str:
-    """A Prometheus duration string: 300 -> 5m, 90 -> 90s, 0.5 -> 500ms, 0 -> 0s."""
-    millis = round(seconds * 1000)
-    if millis == 0:
-        return "0s"
-    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)):
-        if millis % size == 0:
-            return f"{millis // size}{unit}"
-    return f"{millis}ms"
+    """A Prometheus duration string: 300 -> 5m, 90 -> 90s, 0.5 -> 500ms, 0 -> 0s (see exporter.durations)."""
+    return format_duration(seconds)
 
 
 def number(value: float) -> str:
@@ -221,41 +238,3 @@ def references(expr: str) -> list[Reference]:
 def referenced_metrics(expr: str) -> set[str]:
     """The metric names ``expr`` selects."""
     return {ref.metric for ref in references(expr)}
-
-
-def expand_variables(expr: str, rate_interval: str = "1m", time_range: str = "1h", **values: str) -> str:
-    """``expr`` with Grafana's variables replaced, as Grafana would before sending it to Prometheus.
-
-    ``$__rate_interval`` and ``$__range`` become the given durations; ``$name`` / ``${name}`` become
-    ``values[name]`` (default ``.*``, what "All" expands to in our regex matchers).
-    """
-    builtins = {"__rate_interval": rate_interval, "__range": time_range, "__interval": rate_interval}
-
-    def replace(match: re.Match[str]) -> str:
-        name = match.group(1) or match.group(2)
-        if name in builtins:
-            return builtins[name]
-        return values.get(name, ".*")
-
-    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)", replace, expr)
-
-
-def reference_problems(expr: str, where: str, extra_names: frozenset[str] = frozenset()) -> list[str]:
-    """Metrics in ``expr`` that pgvitals does not export, and matchers on labels a metric does not carry.
-
-    ``extra_names``: names that exist besides the catalog and Prometheus' own (recording rules).
-    """
-    catalog = load()
-    exported = catalog.metric_names()
-    problems = []
-    for ref in references(expr):
-        if ref.metric not in exported | extra_names | PROMETHEUS_BUILTINS:
-            problems.append(f"{where}: {ref.metric} is not exported by pgvitals ({expr})")
-            continue
-        if ref.metric in exported:
-            declared = catalog.metric(ref.metric)
-            labels = set(declared.labels) | SCRAPE_LABELS | ({"target"} if declared.per_target else set())
-            unknown = set(ref.labels) - labels - {"__name__"}
-            if unknown:
-                problems.append(f"{where}: {ref.metric} has no label {sorted(unknown)}")
-    return problems

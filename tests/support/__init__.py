@@ -1,0 +1,1 @@
+"""Helpers shared by test modules (so they import neither conftest nor each other)."""
