@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -116,3 +117,17 @@ def test_the_scripts_parse() -> None:
         assert result.returncode == 0, f"scripts/{script}: {result.stderr}"
     result = subprocess.run(["bash", "-n", str(ROOT / ".ci" / "run")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_readme_installs_into_an_environment_never_the_system() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    commands = re.findall(r"^```(?:sh|bash)\n(.*?)^```", readme, re.MULTILINE | re.DOTALL)
+    for line in "".join(commands).splitlines():
+        for command in re.findall(r"(\S*pip3?) install", line):
+            assert "/" in command, f"README: `{line.strip()}` pip-installs into whatever python is first (PEP 668)"
+    assert "pipx install ." in readme
+    # One command runs the product, one the tests: both exist and go through scripts/setup.
+    for script in ("demo", "test"):
+        assert f"./scripts/{script}\n" in readme
+        assert os.access(ROOT / "scripts" / script, os.X_OK)
+        assert "bash scripts/setup" in (ROOT / "scripts" / script).read_text()
