@@ -13,6 +13,7 @@ import subprocess
 import tempfile
 import threading
 import urllib.request
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,49 +62,48 @@ def _prepare(cluster: LocalCluster) -> str:
     return cluster.create_monitor_role("pgvitals_monitor", DEMO_PASSWORD)
 
 
-def _workload(cluster: LocalCluster, stop: threading.Event) -> None:
-    """A few application sessions doing reads, writes and the occasional slow query."""
+@contextlib.contextmanager
+def _session(cluster: LocalCluster, stop: threading.Event, application_name: str) -> Iterator[psycopg.Connection[Any]]:
+    """An application session on the shop database; its error once the demo stops (the server goes) is quiet."""
     try:
-        with psycopg.connect(cluster.dsn(dbname="shop"), autocommit=True, application_name="shop_api") as conn:
-            while not stop.is_set():
-                customer = random.randrange(1000)
-                conn.execute("SELECT sum(total) FROM orders WHERE customer = %s", (customer,))
-                conn.execute("INSERT INTO orders (customer, total) VALUES (%s, %s)", (customer, 9.5))
-                if random.random() < 0.02:
-                    conn.execute("SELECT pg_sleep(0.5), count(*) FROM orders")
-                stop.wait(0.05)
+        with psycopg.connect(cluster.dsn(dbname="shop"), autocommit=True, application_name=application_name) as conn:
+            yield conn
     except psycopg.Error as exc:
         if not stop.is_set():
-            log.warning("workload stopped: %s", exc)
+            log.warning("session %s stopped: %s", application_name, exc)
+
+
+def _workload(cluster: LocalCluster, stop: threading.Event) -> None:
+    """A few application sessions doing reads, writes and the occasional slow query."""
+    with _session(cluster, stop, "shop_api") as conn:
+        while not stop.is_set():
+            customer = random.randrange(1000)
+            conn.execute("SELECT sum(total) FROM orders WHERE customer = %s", (customer,))
+            conn.execute("INSERT INTO orders (customer, total) VALUES (%s, %s)", (customer, 9.5))
+            if random.random() < 0.02:
+                conn.execute("SELECT pg_sleep(0.5), count(*) FROM orders")
+            stop.wait(0.05)
 
 
 def _wait_for_row_lock(cluster: LocalCluster, stop: threading.Event) -> None:
     """A checkout that updates the order a batch job holds: it waits until the batch job lets go."""
-    try:
-        with psycopg.connect(cluster.dsn(dbname="shop"), autocommit=True, application_name="shop_checkout") as conn:
-            conn.execute("UPDATE orders SET total = total WHERE id = 1")
-    except psycopg.Error as exc:
-        if not stop.is_set():
-            log.warning("checkout session stopped: %s", exc)
+    with _session(cluster, stop, "shop_checkout") as conn:
+        conn.execute("UPDATE orders SET total = total WHERE id = 1")
 
 
 def _lock_chain(cluster: LocalCluster, stop: threading.Event) -> None:
     """A batch job that keeps a row locked for a minute now and then, with a session queued behind it."""
-    try:
-        with psycopg.connect(cluster.dsn(dbname="shop"), autocommit=True, application_name="shop_batch") as conn:
-            stop.wait(LOCK_CHAIN_START)
-            while not stop.is_set():
-                conn.execute("BEGIN")
-                conn.execute("SELECT id FROM orders WHERE id = 1 FOR UPDATE")
-                waiter = threading.Thread(target=_wait_for_row_lock, args=(cluster, stop), daemon=True)
-                waiter.start()
-                stop.wait(LOCK_CHAIN_HOLD)
-                conn.execute("ROLLBACK")
-                waiter.join(timeout=10)
-                stop.wait(LOCK_CHAIN_PAUSE)
-    except psycopg.Error as exc:
-        if not stop.is_set():
-            log.warning("lock chain stopped: %s", exc)
+    with _session(cluster, stop, "shop_batch") as conn:
+        stop.wait(LOCK_CHAIN_START)
+        while not stop.is_set():
+            conn.execute("BEGIN")
+            conn.execute("SELECT id FROM orders WHERE id = 1 FOR UPDATE")
+            waiter = threading.Thread(target=_wait_for_row_lock, args=(cluster, stop), daemon=True)
+            waiter.start()
+            stop.wait(LOCK_CHAIN_HOLD)
+            conn.execute("ROLLBACK")
+            waiter.join(timeout=10)
+            stop.wait(LOCK_CHAIN_PAUSE)
 
 
 # -- Prometheus ---------------------------------------------------------------------------------------------------
