@@ -46,7 +46,7 @@ def interpreters() -> list[object]:
     ):
         usable = next((c for c in candidates if c and _runs(c)), None)
         found.append(pytest.param(usable, id=label, marks=() if usable else pytest.mark.skip(
-            reason=f"no Python {label} interpreter on this machine")))
+            reason=f"no Python {label} interpreter with venv and ensurepip here")))
     return found
 
 
