@@ -129,9 +129,13 @@ def test_garbage_and_oversized_requests_get_4xx_and_the_server_lives_on(
 def test_lifecycle_reload_is_forbidden_unless_enabled(server: MetricsServer) -> None:
     assert get(server.port, "/-/reload", method="POST")[0] == 403
     assert get(server.port, "/-/reload")[0] == 405
-    calls = []
-    enabled = MetricsServer("127.0.0.1", 0, make_snapshot(), lambda: (True, "ready"),
-                            reload=lambda: (calls.append(1), (True, "reloaded"))[1])
+    calls: list[int] = []
+
+    def reload() -> tuple[bool, str]:
+        calls.append(1)
+        return True, "reloaded"
+
+    enabled = MetricsServer("127.0.0.1", 0, make_snapshot(), lambda: (True, "ready"), reload=reload)
     enabled.start()
     try:
         status, _, body = get(enabled.port, "/-/reload", method="POST")
