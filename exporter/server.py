@@ -20,6 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
+from email.utils import formatdate
 from http import HTTPStatus
 
 from prometheus_client import REGISTRY, generate_latest
@@ -277,7 +278,8 @@ class MetricsServer:
             return False
         response = await self._loop.run_in_executor(self._pool, self._respond, request)
         keep = request.keep_alive
-        await self._write(writer, response, head_only=request.method == "HEAD", keep=keep)
+        await self._write(writer, response, head_only=request.method == "HEAD", keep=keep,
+                          http10=request.version == "HTTP/1.0")
         return keep
 
     async def _discard_body(self, reader: asyncio.StreamReader, request: Request) -> None:
@@ -292,16 +294,25 @@ class MetricsServer:
         if length:
             await asyncio.wait_for(reader.readexactly(length), self.read_timeout)
 
-    async def _write(self, writer: asyncio.StreamWriter, response: Response, head_only: bool, keep: bool) -> None:
+    async def _write(self, writer: asyncio.StreamWriter, response: Response, head_only: bool, keep: bool,
+                     http10: bool = False) -> None:
         lines = [f"HTTP/1.1 {response.status.value} {response.status.phrase}",
                  f"Content-Type: {response.content_type}",
-                 f"Content-Length: {len(response.body)}"]
+                 f"Content-Length: {len(response.body)}",
+                 f"Date: {formatdate(usegmt=True)}"]
         lines += [f"{name}: {value}" for name, value in {**self.web.headers, **response.headers}.items()]
         if not keep:
             lines.append("Connection: close")
-        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-        if not head_only:
-            writer.write(response.body)
+        elif http10:
+            lines.append("Connection: keep-alive")  # HTTP/1.0 closes unless told otherwise
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        if head_only:
+            writer.write(head)
+        elif len(response.body) < 65536:
+            writer.write(head + response.body)  # one segment for small answers
+        else:
+            writer.write(head)
+            writer.write(response.body)  # no copy of a large body just to prepend the head
         await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
 
     # -- routes (run in the worker pool) -------------------------------------------------------

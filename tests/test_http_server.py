@@ -212,3 +212,34 @@ def test_many_concurrent_scrapers_see_no_failures(server: MetricsServer) -> None
         worker.join(HANG)
     assert failures == []
     assert done >= 50
+
+
+def test_a_full_server_makes_room_by_closing_the_oldest_idle_connection() -> None:
+    srv = MetricsServer("127.0.0.1", 0, make_snapshot(), lambda: (True, "ready"), max_connections=10)
+    srv.start()
+    try:
+        idle = [socket.create_connection(("127.0.0.1", srv.port), timeout=HANG) for _ in range(10)]
+        status, _, _ = get(srv.port, "/healthz")  # the eleventh connection is served
+        assert status == 200
+        idle[0].settimeout(HANG)
+        assert idle[0].recv(1024) == b""  # the oldest waiting one was closed for it
+        for sock in idle:
+            sock.close()
+    finally:
+        srv.stop()
+
+
+def test_http_1_0_keep_alive_is_honoured(server: MetricsServer) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=HANG) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        first = b""
+        while not first.endswith(b"ok\n"):
+            chunk = sock.recv(65536)
+            assert chunk, f"closed after {first!r}"
+            first += chunk
+        sock.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+        rest = b""
+        while chunk := sock.recv(65536):
+            rest += chunk
+    assert b"Connection: keep-alive" in first and first.endswith(b"ok\n")
+    assert status_of(rest) == 200 and b"Connection: close" in rest
