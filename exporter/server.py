@@ -165,6 +165,7 @@ class MetricsServer:
         # Bound here, not in the loop: a port in use fails the start in the caller's thread.
         self._socket = socket.create_server((host, port), family=family, backlog=1024)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="http-worker")
+        self._bcrypt_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="http-bcrypt")
         self._loop = asyncio.new_event_loop()
         self._thread: threading.Thread | None = None
         self._stopping: asyncio.Event | None = None
@@ -222,6 +223,7 @@ class MetricsServer:
             self._loop.call_soon_threadsafe(self._stopping.set)
             self._thread.join(10)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._bcrypt_pool.shutdown(wait=False, cancel_futures=True)
         self._socket.close()
         if not self._loop.is_running():
             self._loop.close()
@@ -276,7 +278,8 @@ class MetricsServer:
         except HttpError as exc:
             await self._write(writer, self._error(exc.status), head_only=False, keep=False)
             return False
-        response = await self._loop.run_in_executor(self._pool, self._respond, request)
+        authorized = await self._authorized(request)
+        response = await self._loop.run_in_executor(self._pool, self._respond, request, authorized)
         keep = request.keep_alive
         await self._write(writer, response, head_only=request.method == "HEAD", keep=keep,
                           http10=request.version == "HTTP/1.0")
@@ -321,37 +324,43 @@ class MetricsServer:
     def _error(status: HTTPStatus) -> Response:
         return Response(status, f"{status.value} {status.phrase}\n".encode())
 
-    def _authorized(self, request: Request) -> bool:
-        if self.auth is None:
-            return True
+    def _credentials(self, request: Request) -> tuple[str, bytes] | None:
         scheme, _, encoded = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "basic":
-            return False
+            return None
         try:
             user, sep, password = base64.b64decode(encoded.strip(), validate=True).partition(b":")
-            name = user.decode("utf-8")
+            return (user.decode("utf-8"), password) if sep else None
         except (binascii.Error, UnicodeDecodeError):
-            return False
-        if not sep:
-            return False
-        return self.auth.cached(name, password) or self.auth.verify(name, password)
+            return None
 
-    def _respond(self, request: Request) -> Response:
-        """The response to a parsed request (in a pool thread: rendering and bcrypt are CPU work)."""
+    async def _authorized(self, request: Request) -> bool:
+        """Basic auth: remembered credentials at once, new ones through bcrypt in a pool of their own."""
+        if self.auth is None or request.path == "/healthz":
+            return True
+        credentials = self._credentials(request)
+        if credentials is None:
+            return False
+        if self.auth.cached(*credentials):
+            return True
+        # A flood of wrong passwords occupies these threads only: scrapes with known credentials go on.
+        return await self._loop.run_in_executor(self._bcrypt_pool, self.auth.verify, *credentials)
+
+    def _respond(self, request: Request, authorized: bool) -> Response:
+        """The response to a parsed request (in a pool thread: rendering and gzip are CPU work)."""
         try:
-            return self._route(request)
+            return self._route(request, authorized)
         except Exception:
             log.exception("error answering %s %s", request.method, request.path)
             return self._error(HTTPStatus.INTERNAL_SERVER_ERROR)
 
-    def _route(self, request: Request) -> Response:
+    def _route(self, request: Request, authorized: bool) -> Response:
         path, method = request.path, request.method
         if path == "/-/reload":
             if method not in ("POST", "PUT"):
                 return Response(HTTPStatus.METHOD_NOT_ALLOWED, b"use POST\n", headers={"Allow": "POST, PUT"})
         elif method not in ("GET", "HEAD"):
             return Response(HTTPStatus.METHOD_NOT_ALLOWED, b"method not allowed\n", headers={"Allow": "GET, HEAD"})
-        authorized = self._authorized(request) if path != "/healthz" else True
         if path == "/healthz":
             return Response(HTTPStatus.OK, b"ok\n")
         if path == "/readyz":

@@ -12,6 +12,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from exporter.localpg import wait_until
 from exporter.server import MetricsServer
 from exporter.webconfig import BasicAuth, WebConfigError, load_web_config
 from tests.conftest import Server, settings_for
-from tests.test_http_server import HANG, make_snapshot
+from tests.test_http_server import HANG, get, make_snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 USER, PASSWORD = "prometheus", "scrape-Secret-42"
@@ -297,3 +298,32 @@ def test_daemon_serves_a_real_target_over_tls_with_auth(pg: Server, pki: Pki) ->
         assert wait_until(pg_up, timeout=HANG)
     finally:
         daemon.stop()
+
+
+def test_a_flood_of_wrong_passwords_does_not_hold_up_known_scrapers(tmp_path: Path) -> None:
+    """bcrypt of unknown credentials runs in its own two threads; cached credentials skip it entirely."""
+    web = tmp_path / "web.yml"
+    hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(12)).decode()  # a production-like cost
+    web.write_text(f"basic_auth_users:\n  {USER}: '{hashed}'\n", encoding="utf-8")
+    srv = MetricsServer("127.0.0.1", 0, make_snapshot(), lambda: (True, "ready"), web=load_web_config(web))
+    srv.start()
+    good = {"Authorization": "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()}
+    bad = {"Authorization": "Basic " + base64.b64encode(f"{USER}:guess".encode()).decode()}
+    try:
+        assert get(srv.port, headers=good)[0] == 200  # verified once, then remembered
+        finished: list[int] = []
+
+        def attacker() -> None:
+            finished.append(get(srv.port, headers=bad)[0])
+
+        attackers = [threading.Thread(target=attacker) for _ in range(24)]
+        for thread in attackers:
+            thread.start()
+        wait_until(lambda: srv.auth is not None and srv._bcrypt_pool._work_queue.qsize() > 0, timeout=HANG)
+        assert get(srv.port, headers=good)[0] == 200
+        assert len(finished) < len(attackers)  # served while the wrong passwords were still queued
+        for thread in attackers:
+            thread.join(HANG)
+        assert finished == [401] * len(attackers)
+    finally:
+        srv.stop()
