@@ -167,6 +167,9 @@ def _tls(raw: Any, base: Path, problems: list[str]) -> TlsServerConfig | None:
             if not os.access(resolved, os.R_OK):
                 problems.append(f"{where}.{key}: cannot read {resolved}")
     auth = section.get("client_auth_type", "NoClientCert")
+    if not isinstance(auth, str):
+        problems.append(f"{where}.client_auth_type: expected one of {', '.join(CLIENT_AUTH)}")
+        auth = "NoClientCert"
     if auth == "RequireAnyClientCert":
         problems.append(f"{where}.client_auth_type: RequireAnyClientCert (unverified certificates) is not "
                         "supported; use RequireAndVerifyClientCert with client_ca_file")
@@ -185,9 +188,10 @@ def _tls(raw: Any, base: Path, problems: list[str]) -> TlsServerConfig | None:
         problems.append(f"{where}.client_allowed_sans: needs client_auth_type RequireAndVerifyClientCert")
     versions = {}
     for key, default in (("min_version", "TLS12"), ("max_version", "TLS13")):
-        versions[key] = section.get(key, default)
-        if versions[key] not in TLS_VERSIONS:
-            problems.append(f"{where}.{key}: {versions[key]!r} is not one of {', '.join(TLS_VERSIONS)}")
+        value = section.get(key, default)
+        versions[key] = value if isinstance(value, str) and value in TLS_VERSIONS else default
+        if versions[key] != value:
+            problems.append(f"{where}.{key}: {value!r} is not one of {', '.join(TLS_VERSIONS)}")
     if len(problems) > count:
         return None
     assert files["cert_file"] is not None and files["key_file"] is not None

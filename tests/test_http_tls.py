@@ -225,6 +225,11 @@ BAD_WEB_CONFIGS = [
     ("client auth type", "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n"
                          "  client_auth_type: RequireAndVerify\n",
      ["tls_server_config.client_auth_type: 'RequireAndVerify' is not one of"]),
+    ("wrong types", "tls_server_config:\n  cert_file: [a]\n  key_file: server.key\n  client_auth_type: [x]\n"
+                    "  max_version: {v: 1}\nbasic_auth_users: [alice]\nhttp_server_config: yes\n",
+     ["tls_server_config.cert_file: expected a file name", "tls_server_config.client_auth_type: expected one of",
+      "tls_server_config.max_version: {'v': 1} is not one of", "basic_auth_users: expected a mapping",
+      "http_server_config: expected a mapping"]),
     ("missing CA", "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n"
                    "  client_auth_type: RequireAndVerifyClientCert\n",
      ["tls_server_config.client_ca_file: required with client_auth_type RequireAndVerifyClientCert"]),
