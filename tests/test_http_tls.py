@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -330,5 +331,24 @@ def test_a_flood_of_wrong_passwords_does_not_hold_up_known_scrapers(tmp_path: Pa
         for thread in attackers:
             thread.join(HANG)
         assert finished == [401] * len(attackers)
+    finally:
+        srv.stop()
+
+
+def test_stalled_tls_handshakes_are_closed_and_do_not_block_scrapes(pki: Pki) -> None:
+    srv = MetricsServer("127.0.0.1", 0, make_snapshot(), lambda: (True, "ready"), read_timeout=1.0,
+                        web=load_web_config(write_web_config(pki)))
+    srv.start()
+    try:
+        threads_before = threading.active_count()
+        stalled = [socket.create_connection(("127.0.0.1", srv.port), timeout=HANG) for _ in range(100)]
+        for sock in stalled[::2]:
+            sock.sendall(b"\x16\x03\x01\x00")  # the first bytes of a ClientHello, then nothing
+        assert https_get(srv.port, pki.client_context(), auth=(USER, PASSWORD))[0] == 200
+        assert threading.active_count() <= threads_before + 8
+        for sock in stalled:
+            with suppress(ConnectionResetError):  # closed by the server either way
+                assert sock.recv(1024) == b""
+            sock.close()
     finally:
         srv.stop()
