@@ -150,13 +150,15 @@ class MetricsServer:
 
     def __init__(self, host: str, port: int, snapshot: Snapshot, ready: ReadyCheck,
                  process_metrics: bool = True, web: WebConfig | None = None, reload: ReloadHook | None = None,
-                 *, read_timeout: float = 10.0, workers: int = 4, max_connections: int = 4096):
+                 *, read_timeout: float = 10.0, idle_timeout: float = 60.0, workers: int = 4,
+                 max_connections: int = 4096):
         self.snapshot = snapshot
         self.ready = ready
         self.process_metrics = process_metrics
         self.web = web or WebConfig()
         self.reload = reload
         self.read_timeout = read_timeout
+        self.idle_timeout = idle_timeout
         # Stay below the descriptor limit: past it, accept() fails and asyncio stops accepting for a while.
         self.max_connections = min(max_connections, max(16, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 64))
         self.tls = TlsContexts(self.web.tls) if self.web.tls else None
@@ -246,8 +248,9 @@ class MetricsServer:
                 if not self.tls.allowed_peer(writer.get_extra_info("peercert")):
                     log.debug("client certificate SAN not in client_allowed_sans: closing")
                     return
-            while await self._one_request(reader, writer):
-                pass
+            first = True
+            while await self._one_request(reader, writer, first):
+                first = False
         except (ConnectionError, ssl.SSLError, TimeoutError, OSError, asyncio.IncompleteReadError):
             pass  # the client went away, failed the handshake or was too slow: nothing to answer
         finally:
@@ -257,12 +260,17 @@ class MetricsServer:
             with suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
 
-    async def _one_request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    async def _one_request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, first: bool) -> bool:
         """Read, answer, and say whether the connection stays open for another request."""
         self._waiting[writer] = None
         try:
+            start = b""
+            if not first:
+                # A kept-alive connection may idle until the next scrape (Prometheus reuses it: no new TLS
+                # handshake every interval); the head deadline starts with its first byte.
+                start = await asyncio.wait_for(reader.readexactly(1), self.idle_timeout)
             # One deadline for the whole head (not per read): a byte every few seconds does not extend it.
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.read_timeout)
+            head = start + await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.read_timeout)
         except asyncio.IncompleteReadError as exc:
             if exc.partial.strip():
                 await self._write(writer, self._error(HTTPStatus.BAD_REQUEST), head_only=False, keep=False)

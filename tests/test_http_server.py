@@ -243,3 +243,18 @@ def test_http_1_0_keep_alive_is_honoured(server: MetricsServer) -> None:
             rest += chunk
     assert b"Connection: keep-alive" in first and first.endswith(b"ok\n")
     assert status_of(rest) == 200 and b"Connection: close" in rest
+
+
+def test_a_kept_alive_connection_may_idle_past_the_read_timeout_between_scrapes(server: MetricsServer) -> None:
+    """Prometheus reuses its connection every interval; only a started request head has the short deadline."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=HANG)
+    try:
+        conn.request("GET", "/healthz")
+        assert conn.getresponse().read() == b"ok\n"
+        sock = conn.sock
+        time.sleep(READ_TIMEOUT * 1.5)
+        conn.request("GET", "/healthz")
+        assert conn.getresponse().read() == b"ok\n"
+        assert conn.sock is sock  # the same connection, not a silent reconnect
+    finally:
+        conn.close()
