@@ -69,10 +69,13 @@ def _config_failure(error: ConfigError, source: str | None) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """Start the daemon."""
     from exporter.daemon import Daemon
+    from exporter.webconfig import load_web_config
 
     settings = _settings(args)
+    web_config_file = Path(args.web_config_file) if args.web_config_file else settings.web_config_file
+    web = load_web_config(web_config_file) if web_config_file else None  # exit 2 before anything starts
     setup_logging(args.log_level or settings.log.level, settings.log.format)
-    Daemon(settings).run_forever()
+    Daemon(settings, web=web).run_forever()
     return 0
 
 
@@ -258,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the exporter daemon", description="Run the exporter daemon: collect "
                          "on schedule and serve /metrics, /healthz and /readyz.")
     with_source(run, dsn=True)
+    run.add_argument("--web.config.file", dest="web_config_file", metavar="FILE",
+                     help="exporter-toolkit web config (TLS, basic auth, headers); overrides web_config_file")
+    run.add_argument("--web.enable-lifecycle", dest="web_enable_lifecycle", action="store_true",
+                     help="accept POST /-/reload (Prometheus' convention)")
     run.set_defaults(func=cmd_run)
     once = sub.add_parser("once", help="collect once and print the metrics", description="Run every collector "
                           "once on every target and print the exposition to stdout. Exit 1 if a target is down.")
@@ -300,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except ConfigError as error:
-        return _config_failure(error, getattr(args, "config", None))
+        return _config_failure(error, str(getattr(error, "source", "")) or getattr(args, "config", None))
     except KeyboardInterrupt:
         return 130
 

@@ -399,6 +399,7 @@ class Settings(_Strict):
     application_name: str = Field(default="pgvitals", max_length=63)
     workers: int = Field(default=0, ge=0, le=256)  # 0: sized from the number of targets
     log: LogConfig = Field(default_factory=LogConfig)
+    web_config_file: Path | None = None  # exporter-toolkit web config: TLS, basic auth (exporter/webconfig.py)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
 
     @field_validator("collectors", mode="before")

@@ -20,6 +20,7 @@ from exporter.engine import Engine, Probe, TargetRuntime
 from exporter.planner import Effective
 from exporter.server import MetricsServer
 from exporter.snapshot import Snapshot
+from exporter.webconfig import WebConfig
 
 log = logging.getLogger("pgvitals.daemon")
 
@@ -27,8 +28,9 @@ log = logging.getLogger("pgvitals.daemon")
 class Daemon:
     """Runs every collector of every target on its own interval and serves the snapshot."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, web: WebConfig | None = None):
         self.settings = settings
+        self.web = web
         self.catalog = catalog.load()
         self.snapshot = Snapshot(self.catalog, __version__)
         self.engine = Engine(self.catalog, settings, self.snapshot)
@@ -115,11 +117,12 @@ class Daemon:
 
     def start(self) -> None:
         """Start serving and collecting (returns at once)."""
-        self.server = MetricsServer(self.settings.listen_host, self.settings.listen_port, self.snapshot, self.ready)
+        self.server = MetricsServer(self.settings.listen_host, self.settings.listen_port, self.snapshot, self.ready,
+                                    web=self.web)
         self.server.start()
         self._schedule()
         self.scheduler.start()
-        log.info("pgvitals %s serving http://%s:%d/metrics for %d target(s)", __version__,
+        log.info("pgvitals %s serving %s://%s:%d/metrics for %d target(s)", __version__, self.server.scheme,
                  self.settings.listen_host, self.server.port, len(self.engine.targets))
 
     def stop(self) -> None:
