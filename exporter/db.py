@@ -384,7 +384,7 @@ class Facts:
     is_superuser: bool
     roles: frozenset[str]
     databases: tuple[str, ...]
-    preload_libraries: frozenset[str]
+    preload_libraries: frozenset[str] | None  # None: the role may not read shared_preload_libraries
     # dbname -> {extension name: (schema, version as major*100+minor)}
     extensions: dict[str, dict[str, tuple[str, int]]] = field(default_factory=dict)
     # Objects collectors require (``Collector.requires``) that the role may not use.
@@ -400,7 +400,9 @@ SELECT pg_catalog.current_setting('server_version_num')::int AS version_num,
              WHERE b.rolname IN ('pg_monitor', 'pg_read_all_stats', 'pg_read_all_settings',
                                  'pg_stat_scan_tables', 'pg_read_all_data')
                AND pg_catalog.pg_has_role(r.oid, b.oid, 'USAGE')) AS roles,
-       pg_catalog.current_setting('shared_preload_libraries') AS preload
+       -- Reading it needs pg_read_all_settings (pg_monitor has it): a role without it must still probe.
+       CASE WHEN r.rolsuper OR pg_catalog.pg_has_role(r.oid, 'pg_read_all_settings', 'USAGE')
+            THEN pg_catalog.current_setting('shared_preload_libraries') END AS preload
 FROM pg_catalog.pg_roles r WHERE r.rolname = current_user
 """
 
@@ -441,7 +443,8 @@ def extension_version_number(text: str) -> int:
 def read_facts(session: Session, required: Collection[str] = ()) -> Facts:
     """Read version, role, privileges, databases, the DSN database's extensions and which of ``required`` we lack."""
     row = session.query(FACTS_SQL)[0]
-    preload = frozenset(p.strip() for p in (row["preload"] or "").split(",") if p.strip())
+    preload = None if row["preload"] is None else frozenset(
+        p.strip() for p in row["preload"].split(",") if p.strip())
     databases = tuple(r["datname"] for r in session.query(DATABASES_SQL))
     facts = Facts(
         version_num=row["version_num"], version=row["version"], in_recovery=row["in_recovery"],

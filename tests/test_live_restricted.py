@@ -213,3 +213,19 @@ def test_too_many_connections_then_recovery() -> None:
         for conn in held:
             conn.close()
         server.cluster.destroy()
+
+
+def test_a_role_without_pg_monitor_is_up_and_told_what_it_lacks(restricted: Server) -> None:
+    """Azure once could not grant pg_monitor: the probe must not need it (shared_preload_libraries is unreadable)."""
+    from tests.conftest import Runner
+
+    restricted.execute("DROP ROLE IF EXISTS bare")
+    restricted.execute("CREATE ROLE bare LOGIN PASSWORD 'bare-pw'")
+    with Runner(restricted, targets=[{"name": "bare", "dsn": restricted.cluster.dsn("bare", "bare-pw")}],
+                strict=True) as runner:
+        metrics = runner.collect()
+    assert metrics.value("pg_up", target="bare") == 1
+    assert [labels["collector"] for labels, v in metrics.find("pgvitals_collector_success") if v != 1] == []
+    denied = {(labels["collector"], labels["object"]) for labels, _ in metrics.find("pgvitals_collector_denied")}
+    assert denied == {("pg_wal_directory", "pg_ls_waldir"), ("pg_archive_status", "pg_ls_archive_statusdir")}
+    assert metrics.value("pg_wal_position_bytes", target="bare") is not None
