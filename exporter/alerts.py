@@ -472,6 +472,22 @@ ALERTS: tuple[AlertSpec, ...] = (
         description="pgvitals has not refreshed collector {labels.collector} on {target} for {value_age}, more "
                     "than {intervals} of its intervals: its runs are slow or stuck.",
     ),
+    AlertSpec(
+        name="PgvitalsCollectorDenied", group="exporter", config="collector_denied", severity="info",
+        expr="{pgvitals_collector_denied} == 1",
+        summary="Collector {labels.collector} may not use {labels.object} on {target}",
+        description="The monitoring role on {target} may not use {labels.object} (or the platform does not "
+                    "support it), so collector {labels.collector} is skipped and its metrics are missing. Grant "
+                    "the privilege to collect them; nothing else is affected.",
+    ),
+    AlertSpec(
+        name="PgvitalsDatabaseUnavailable", group="exporter", config="database_unavailable", severity="info",
+        expr="{pgvitals_database_unavailable} == 1",
+        summary="Database {db} on {target} refuses the monitoring role ({labels.reason})",
+        description="{target} refuses pgvitals' connections to database {db} ({labels.reason}: pg_hba.conf, a "
+                    "revoked CONNECT or its connection limit), so its per-database metrics are missing. The "
+                    "server and its other databases are monitored as usual.",
+    ),
 )
 
 

@@ -23,7 +23,7 @@ Scope = Literal["server", "database"]
 Role = Literal["any", "primary", "standby"]
 TargetKind = Literal["postgres", "pgbouncer"]
 #: Why a collector does not run on a target; the ``reason`` of ``pgvitals_collector_skipped``.
-SkipReason = Literal["version", "role", "extension", "preload"]
+SkipReason = Literal["version", "role", "extension", "preload", "denied"]
 SKIP_REASONS: tuple[SkipReason, ...] = get_args(SkipReason)
 
 Row = dict[str, Any]
@@ -115,6 +115,10 @@ class Collector:
     # must be off by default and primary-only; the engine gives it the same server-side timeouts.
     writes: bool = False
     notes: str = ""  # extra documentation for docs/metrics.md
+    # Functions (``pg_catalog.pg_ls_waldir()``) and views the role must be allowed to use: checked with
+    # has_function_privilege/has_table_privilege at each probe, so a denial never becomes an ERROR in the
+    # server log. Keep such an object in a collector of its own, so its denial takes nothing else along.
+    requires: tuple[str, ...] = ()
 
     def variant_for(self, version: int) -> SqlVariant | None:
         """The SQL variant for ``version``, or None when no variant covers it."""
@@ -164,10 +168,28 @@ PG_UP = _self_metric("pg_up", "gauge", "1 when the last connection attempt to th
                      "0 when it failed; absent before the first.", ())
 PGBOUNCER_UP = _self_metric("pgbouncer_up", "gauge", "1 when the last connection to the PgBouncer admin console "
                             "succeeded, 0 when it failed; absent before the first.", ())
+PG_UP_REASON = _self_metric(
+    "pg_up_reason", "gauge", "1 with the reason the last connection attempt failed (connection: unreachable, auth: "
+    "login refused, too_many_connections: no slot left, refused: another refusal); absent while pg_up is 1.",
+    ("reason",))
+PGBOUNCER_UP_REASON = _self_metric(
+    "pgbouncer_up_reason", "gauge", "1 with the reason the last connection to the PgBouncer console failed "
+    "(as pg_up_reason); absent while pgbouncer_up is 1.", ("reason",))
+DATABASE_UNAVAILABLE = _self_metric(
+    "pgvitals_database_unavailable", "gauge",
+    "1 for a selected database the server refused to let us connect to at the last attempt (reason: "
+    "database_unavailable (pg_hba, privilege, dropped meanwhile) or too_many_connections); the server stays up.",
+    ("datname", "reason"))
+COLLECTOR_DENIED = _self_metric(
+    "pgvitals_collector_denied", "gauge",
+    "1 for an object (function or view) the collector needs that the role may not use or the platform does not "
+    "support; the collector is skipped until the privilege is granted (checked again at the next re-check).",
+    ("collector", "object"))
 COLLECTOR_SUCCESS = _self_metric(
     "pgvitals_collector_success",
     "gauge",
-    "1 when the collector's last run succeeded on every database it covers, 0 when it failed.",
+    "1 when the collector's last run succeeded on every database it could reach, 0 when it failed (a database "
+    "the server refused is pgvitals_database_unavailable, a denied object pgvitals_collector_denied).",
     ("collector",),
 )
 COLLECTOR_DURATION = _self_metric(
@@ -212,7 +234,8 @@ COLLECTOR_DATA_AGE = _self_metric(
 BUILD_INFO = MetricSpec(name="pgvitals_build_info", kind="info", help="pgvitals build information (value 1).",
                         labels=("version",), per_target=False)
 SELF_METRICS: tuple[MetricSpec, ...] = (
-    PG_UP, PGBOUNCER_UP, COLLECTOR_SUCCESS, COLLECTOR_DURATION, COLLECTOR_LAST_SUCCESS, COLLECTOR_ERRORS,
+    PG_UP, PGBOUNCER_UP, PG_UP_REASON, PGBOUNCER_UP_REASON, DATABASE_UNAVAILABLE, COLLECTOR_DENIED,
+    COLLECTOR_SUCCESS, COLLECTOR_DURATION, COLLECTOR_LAST_SUCCESS, COLLECTOR_ERRORS,
     COLLECTOR_SERIES, COLLECTOR_SKIPPED, COLLECTOR_DATA_AGE, BUILD_INFO,
 )
 

@@ -160,6 +160,7 @@ SKIP_EXPLANATIONS: dict[str, str] = {
     "role": "runs only on a",
     "extension": "extension not installed in this database",
     "preload": "library not in shared_preload_libraries",
+    "denied": "the role may not use",
 }
 
 
@@ -172,6 +173,8 @@ def _skip_detail(collector: catalog.Collector, reason: str, runtime: TargetRunti
         return f" ({collector.preload})"
     if reason == "version":
         return _version_detail(collector, runtime)
+    if reason == "denied" and runtime is not None:
+        return f" {', '.join(sorted(runtime.denied(collector)))} (GRANT it, or pg_monitor, to collect this)"
     return ""
 
 

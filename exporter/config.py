@@ -53,11 +53,26 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+#: The databases a managed service keeps for itself; a monitoring role may never connect to them.
+MANAGED_SYSTEM_DATABASES = (
+    "rdsadmin",  # Amazon RDS and Aurora
+    "cloudsqladmin",  # Google Cloud SQL
+    "alloydbadmin", "alloydbmetadata",  # Google AlloyDB
+    "azure_maintenance", "azure_sys",  # Azure Database for PostgreSQL
+)
+
+
 class DatabaseFilter(_Strict):
     """Which databases per-database collectors visit (shell globs)."""
 
     include: list[str] = Field(default_factory=lambda: ["*"])
     exclude: list[str] = Field(default_factory=list)
+    # False re-includes the managed services' own databases (left out by default: see MANAGED_SYSTEM_DATABASES).
+    exclude_managed_system: bool = True
+
+    def excluded(self) -> tuple[str, ...]:
+        """The exclusion globs in force, the managed services' databases included unless re-included."""
+        return (*self.exclude, *(MANAGED_SYSTEM_DATABASES if self.exclude_managed_system else ()))
 
 
 def _check_dsn(value: str) -> str:
@@ -326,6 +341,12 @@ class CollectorFailingAlert(_AlertRule):
     for_: PendingDuration = Field(default=600.0, alias="for")
 
 
+class NoticeAlert(_AlertRule):
+    """An ``info`` notice: something to fix when convenient, never a page."""
+
+    for_: PendingDuration = Field(default=900.0, alias="for")
+
+
 class CollectorStaleAlert(_AlertRule):
     """A collector whose data is older than ``intervals`` times its own interval."""
 
@@ -362,6 +383,8 @@ class AlertsConfig(_Strict):
     wraparound: WraparoundAlert = Field(default_factory=WraparoundAlert)
     collector_failing: CollectorFailingAlert = Field(default_factory=CollectorFailingAlert)
     collector_stale: CollectorStaleAlert = Field(default_factory=CollectorStaleAlert)
+    collector_denied: NoticeAlert = Field(default_factory=NoticeAlert)
+    database_unavailable: NoticeAlert = Field(default_factory=NoticeAlert)
 
 
     @field_validator("runbook_base_url")
@@ -396,6 +419,9 @@ class Settings(_Strict):
     lock_timeout: Duration = 0.1
     probe_interval: Duration = 15.0
     max_backoff: Duration = 60.0
+    # How long an object found denied while running (a "not supported" a privilege check cannot foresee)
+    # is left alone before one more try; privilege checks themselves run at every probe at no cost.
+    denial_recheck_interval: Duration = 3600.0
     application_name: str = Field(default="pgvitals", max_length=63)
     workers: int = Field(default=0, ge=0, le=256)  # 0: sized from the number of targets
     log: LogConfig = Field(default_factory=LogConfig)

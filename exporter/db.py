@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import socket
 import threading
 from collections import OrderedDict
@@ -32,10 +33,56 @@ class CollectError(Exception):
 
 
 class TargetDown(CollectError):
-    """The server could not be reached."""
+    """The server could not be reached, refused our login, or has no slot left: ``reason`` says which."""
 
-    def __init__(self, message: str):
-        super().__init__("connection", message)
+    def __init__(self, message: str, reason: str = "connection"):
+        super().__init__(reason, message)
+
+
+class DatabaseUnavailable(CollectError):
+    """The server answered but refused a connection to one database: that database's error, not the server's."""
+
+
+class Denied(CollectError):
+    """The role may not use an object (or the platform does not support it): a fact to remember, not a failure."""
+
+    def __init__(self, reason: str, message: str, obj: str):
+        super().__init__(reason, message)
+        self.object = obj
+
+
+# What the server says when it refuses a connection, by reason (libpq reports no SQLSTATE for these).
+_REFUSALS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("too_many_connections", re.compile(r"too many (connections|clients)|remaining connection slots are reserved")),
+    ("auth", re.compile(r"authentication failed|no pg_hba\.conf entry|pg_hba\.conf rejects|role \".*\" does not exist"
+                        r"|password authentication|SSL authentication|certificate authentication")),
+    ("database_unavailable", re.compile(r"permission denied for database|database \".*\" does not exist"
+                                        r"|not currently accepting connections")),
+)
+
+
+def connect_failure(exc: psycopg.Error, whole_server: bool) -> CollectError:
+    """Why a connection attempt failed, as the error that the caller's scope calls for.
+
+    Refused by a server that answered (``FATAL``), a connection to one database is that database's
+    error; a connection the server never answered, or to the server's default database, is the server's.
+    """
+    text = str(exc)
+    first_line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    answered = "FATAL:" in text
+    reason = next((word for word, pattern in _REFUSALS if answered and pattern.search(text)), "connection")
+    if answered and reason == "connection":
+        reason = "refused"
+    if whole_server:
+        return TargetDown(first_line, reason)
+    if answered:
+        return DatabaseUnavailable("too_many_connections" if reason == "too_many_connections"
+                                   else "database_unavailable", first_line)
+    return TargetDown(first_line, reason)
+
+
+_DENIED_OBJECT = re.compile(r"(?:permission denied for (?:function|view|table|relation|schema|sequence) "
+                            r"\"?([\w.]+)\"?)|(?:\b(\w+)\(\))")
 
 
 def classify(exc: BaseException) -> CollectError:
@@ -47,8 +94,12 @@ def classify(exc: BaseException) -> CollectError:
         return CollectError("lock_timeout", f"gave up waiting for a lock: {first_line}")
     if isinstance(exc, pgerrors.QueryCanceled):
         return CollectError("timeout", f"cancelled by statement_timeout: {first_line}")
-    if isinstance(exc, pgerrors.InsufficientPrivilege):
-        return CollectError("permission", first_line)
+    if isinstance(exc, pgerrors.InsufficientPrivilege | pgerrors.FeatureNotSupported):
+        # A privilege a managed service withholds, or a function it does not support (Aurora): permanent.
+        match = _DENIED_OBJECT.search(first_line)
+        obj = (match.group(1) or match.group(2)) if match else ""
+        reason = "permission" if isinstance(exc, pgerrors.InsufficientPrivilege) else "not_supported"
+        return Denied(reason, first_line, obj.rsplit(".", 1)[-1])
     if isinstance(exc, pgerrors.UndefinedTable | pgerrors.UndefinedColumn | pgerrors.UndefinedFunction):
         return CollectError("missing_object", first_line)
     if isinstance(exc, pgerrors.ObjectNotInPrerequisiteState):
@@ -286,7 +337,8 @@ class TargetConnections:
                     self.options.conninfo(dbname), autocommit=True, row_factory=dict_row, prepare_threshold=None,
                 )
         except psycopg.Error as exc:
-            raise TargetDown(str(exc)) from None
+            whole_server = dbname is None or dbname == self.default_dbname
+            raise connect_failure(exc, whole_server) from None
         return conn
 
     def _close_lru_locked(self) -> bool:
@@ -332,9 +384,11 @@ class Facts:
     is_superuser: bool
     roles: frozenset[str]
     databases: tuple[str, ...]
-    preload_libraries: frozenset[str]
+    preload_libraries: frozenset[str] | None  # None: the role may not read shared_preload_libraries
     # dbname -> {extension name: (schema, version as major*100+minor)}
     extensions: dict[str, dict[str, tuple[str, int]]] = field(default_factory=dict)
+    # Objects collectors require (``Collector.requires``) that the role may not use.
+    denied: frozenset[str] = frozenset()
 
 
 FACTS_SQL = """
@@ -346,13 +400,30 @@ SELECT pg_catalog.current_setting('server_version_num')::int AS version_num,
              WHERE b.rolname IN ('pg_monitor', 'pg_read_all_stats', 'pg_read_all_settings',
                                  'pg_stat_scan_tables', 'pg_read_all_data')
                AND pg_catalog.pg_has_role(r.oid, b.oid, 'USAGE')) AS roles,
-       pg_catalog.current_setting('shared_preload_libraries') AS preload
+       -- Reading it needs pg_read_all_settings (pg_monitor has it): a role without it must still probe.
+       CASE WHEN r.rolsuper OR pg_catalog.pg_has_role(r.oid, 'pg_read_all_settings', 'USAGE')
+            THEN pg_catalog.current_setting('shared_preload_libraries') END AS preload
 FROM pg_catalog.pg_roles r WHERE r.rolname = current_user
 """
 
+# Only databases the role may connect to: a managed service's own (rdsadmin, cloudsqladmin...) would
+# refuse every attempt, and each refusal is a FATAL line in the server log.
 DATABASES_SQL = """
 SELECT datname FROM pg_catalog.pg_database
-WHERE datallowconn AND NOT datistemplate ORDER BY datname
+WHERE datallowconn AND NOT datistemplate AND pg_catalog.has_database_privilege(datname, 'CONNECT')
+ORDER BY datname
+"""
+
+# Which of the objects collectors require the role may use, asked without causing an ERROR: a name
+# that does not resolve is NULL (not denied: the collector's own version checks cover it).
+PRIVILEGES_SQL = """
+SELECT o.name,
+       CASE WHEN o.name LIKE '%%(%%)'
+            THEN pg_catalog.has_function_privilege(pg_catalog.to_regprocedure(o.name), 'EXECUTE')
+            ELSE pg_catalog.has_table_privilege(pg_catalog.to_regclass(o.name), 'SELECT') END AS allowed
+FROM pg_catalog.unnest(%(names)s::text[]) AS o(name)
+WHERE CASE WHEN o.name LIKE '%%(%%)' THEN pg_catalog.to_regprocedure(o.name) IS NOT NULL
+           ELSE pg_catalog.to_regclass(o.name) IS NOT NULL END
 """
 
 EXTENSIONS_SQL = """
@@ -369,10 +440,11 @@ def extension_version_number(text: str) -> int:
     return int(major) * 100 + int(minor)
 
 
-def read_facts(session: Session) -> Facts:
-    """Read version, role, privileges, databases and the DSN database's extensions."""
+def read_facts(session: Session, required: Collection[str] = ()) -> Facts:
+    """Read version, role, privileges, databases, the DSN database's extensions and which of ``required`` we lack."""
     row = session.query(FACTS_SQL)[0]
-    preload = frozenset(p.strip() for p in (row["preload"] or "").split(",") if p.strip())
+    preload = None if row["preload"] is None else frozenset(
+        p.strip() for p in row["preload"].split(",") if p.strip())
     databases = tuple(r["datname"] for r in session.query(DATABASES_SQL))
     facts = Facts(
         version_num=row["version_num"], version=row["version"], in_recovery=row["in_recovery"],
@@ -380,6 +452,9 @@ def read_facts(session: Session) -> Facts:
         preload_libraries=preload,
     )
     facts.extensions[session.dbname] = read_extensions(session)
+    if required:
+        rows = session.query(PRIVILEGES_SQL, {"names": sorted(required)})
+        facts.denied = frozenset(r["name"] for r in rows if not r["allowed"])
     return facts
 
 

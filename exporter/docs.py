@@ -35,6 +35,10 @@ def _where(collector: Collector) -> str:
         parts.append(f"needs extension `{collector.extension}`")
     if collector.preload:
         parts.append(f"needs `{collector.preload}` in shared_preload_libraries")
+    if collector.requires:
+        grants = ", ".join(f"`{name}`" for name in collector.requires)
+        parts.append(f"needs the role to be allowed {grants} (pg_monitor is; managed services may revoke it: "
+                     "skipped and reported as `pgvitals_collector_denied` when not)")
     return ", ".join(parts)
 
 

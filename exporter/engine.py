@@ -15,11 +15,13 @@ from typing import Any, NamedTuple
 from psycopg.conninfo import conninfo_to_dict
 
 from exporter import planner, secrets
-from exporter.catalog import Catalog
+from exporter.catalog import Catalog, Collector
 from exporter.config import PgBouncerConfig, Settings, TargetConfig
 from exporter.db import (
     CollectError,
     ConnectOptions,
+    DatabaseUnavailable,
+    Denied,
     Facts,
     TargetConnections,
     TargetDown,
@@ -74,6 +76,15 @@ class TargetRuntime:
     last_errors: dict[ErrorKey, str] = field(default_factory=dict)
     state: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     dsn_text: str = ""
+    # collector -> (objects it was refused at run time, monotonic time of the refusal): not asked again
+    # until the probe's re-check lets the denial expire.
+    run_denials: dict[str, tuple[frozenset[str], float]] = field(default_factory=dict)
+
+    def denied(self, collector: Collector) -> frozenset[str]:
+        """What ``collector`` needs and may not use here: refused at run time, or by the probe's privilege check."""
+        checked = frozenset(self.facts.denied) & frozenset(collector.requires) if self.facts else frozenset()
+        at_run, _since = self.run_denials.get(collector.name, (frozenset(), 0.0))
+        return frozenset(_object_name(name) for name in checked) | at_run
 
     def databases(self) -> list[str]:
         """The databases per-database collectors visit, from the server's list and the filters."""
@@ -84,6 +95,11 @@ class TargetRuntime:
             if any(fnmatch.fnmatchcase(db, p) for p in self.include)
             and not any(fnmatch.fnmatchcase(db, p) for p in self.exclude)
         ]
+
+
+def _object_name(required: str) -> str:
+    """The label of a required object: ``pg_catalog.pg_ls_waldir()`` -> ``pg_ls_waldir``."""
+    return required.split("(", 1)[0].rsplit(".", 1)[-1]
 
 
 def build_runtime(cfg: TargetConfig | PgBouncerConfig, settings: Settings) -> TargetRuntime:
@@ -104,7 +120,7 @@ def build_runtime(cfg: TargetConfig | PgBouncerConfig, settings: Settings) -> Ta
     )
     if isinstance(cfg, TargetConfig):
         runtime.include = tuple(cfg.databases.include)
-        runtime.exclude = tuple(cfg.databases.exclude)
+        runtime.exclude = cfg.databases.excluded()
     return runtime
 
 
@@ -117,6 +133,10 @@ class Engine:
         self.snapshot = snapshot
         self.collectors = {e.collector.name: e for e in planner.effective_collectors(catalog, settings)}
         self.targets: dict[str, TargetRuntime] = {}
+        # Every object an enabled collector requires: the probe asks the server about all of them at once.
+        self.required = frozenset(
+            name for e in self.collectors.values() if e.enabled for name in e.collector.requires
+        )
         configs: list[TargetConfig | PgBouncerConfig] = [*settings.targets, *settings.pgbouncers]
         for cfg in configs:
             runtime = build_runtime(cfg, settings)
@@ -139,13 +159,15 @@ class Engine:
                     facts = None
                 else:
                     with session.guarded(self.settings.connect_timeout, self.settings.lock_timeout):
-                        facts = read_facts(session)
+                        facts = read_facts(session, self.required)
         except Exception as exc:  # every failure means "down" for the probe
             error = classify(exc)
             self._mark_down(runtime, error)
             return Probe.DOWN
         was_up = runtime.up
         runtime.facts = facts
+        self._recheck_denials(runtime)
+        self.snapshot.forget_databases(runtime.name, keep=runtime.databases())
         runtime.last_errors.pop(PROBE, None)
         runtime.up = True
         runtime.failures = 0
@@ -158,14 +180,21 @@ class Engine:
                  (time.monotonic() - started) * 1000)
         return Probe.CAME_UP
 
+    def _recheck_denials(self, runtime: TargetRuntime) -> None:
+        """Let denials found at run time expire after the re-check interval, so they are tried once more."""
+        expired = time.monotonic() - self.settings.denial_recheck_interval
+        for name in [n for n, (_objects, since) in list(runtime.run_denials.items()) if since <= expired]:
+            del runtime.run_denials[name]
+
     def _mark_down(self, runtime: TargetRuntime, error: CollectError) -> None:
         runtime.failures += 1
-        runtime.last_errors[PROBE] = f"{error.reason}: {error}"
-        if runtime.up is not False:
-            log.warning("target %s is down (%s): %s", runtime.name, runtime.dsn_text, error)
+        text = f"{error.reason}: {error}"
+        if runtime.up is not False or runtime.last_errors.get(PROBE) != text:
+            log.warning("target %s is down (%s): %s", runtime.name, runtime.dsn_text, text)
+        runtime.last_errors[PROBE] = text
         runtime.up = False
         runtime.conns.close_all()
-        self.snapshot.set_up(runtime.name, False)
+        self.snapshot.set_up(runtime.name, False, error.reason)
 
     def backoff(self, runtime: TargetRuntime) -> float:
         """Seconds until the next probe: the probe interval when up, exponential backoff when down."""
@@ -185,12 +214,17 @@ class Engine:
             if self.snapshot.record_skip(runtime.name, collector.name, reason) != reason:
                 log.info("collector %s does not apply to %s (%s)", collector.name, runtime.name, reason)
             return
+        denied = runtime.denied(collector)
+        if denied:
+            self._record_denied(runtime, collector, denied)
+            return
         started = time.monotonic()
         databases: list[str | None] = (
             list(runtime.databases()) if collector.scope == "database" else [None]
         )
         results: dict[str, dict[str, bytes]] = {}
         failed: list[tuple[str | None, CollectError]] = []
+        unavailable: dict[str, str] = {}
         skipped_everywhere = True
         last_skip: str | None = None
         series = 0
@@ -199,6 +233,15 @@ class Engine:
                 chunks, count, skip = self._run_one(runtime, eff, dbname)
             except Exception as exc:
                 error = classify(exc)
+                if isinstance(error, Denied):
+                    # Permanent until granted: remember it instead of failing (and logging an ERROR) each run.
+                    objects = frozenset({error.object or collector.name})
+                    runtime.run_denials[collector.name] = (objects, time.monotonic())
+                    self._record_denied(runtime, collector, objects, str(error))
+                    return
+                if isinstance(error, DatabaseUnavailable) and dbname is not None:
+                    unavailable[dbname] = error.reason  # that database's refusal, not the server's
+                    continue
                 failed.append((dbname, error))
                 if isinstance(error, TargetDown):
                     break
@@ -221,11 +264,27 @@ class Engine:
             self._log_change(runtime, collector.name, None, None)
         self.snapshot.record_run(
             runtime.name, collector.name, duration=duration, finished=finished, series=series,
-            failures=[error.reason for _, error in failed], results=results,
+            failures=[error.reason for _, error in failed], results=results, unavailable=unavailable.values(),
         )
+        if collector.scope == "database" and not any(isinstance(e, TargetDown) for _, e in failed):
+            visited = [db for db in databases if db is not None]
+            for dbname, now in self.snapshot.record_databases(runtime.name, visited, unavailable).items():
+                if now is None:
+                    log.info("database %s on %s is available again", dbname, runtime.name)
+                else:
+                    log.warning("database %s on %s refused the connection (%s); the other databases go on",
+                                dbname, runtime.name, now)
         down = next((e for _, e in failed if isinstance(e, TargetDown)), None)
         if down is not None:
             self._mark_down(runtime, down)
+
+    def _record_denied(self, runtime: TargetRuntime, collector: Collector, objects: frozenset[str],
+                       detail: str = "") -> None:
+        """Skip the collector as denied, saying so once per change (never per run)."""
+        if self.snapshot.record_denied(runtime.name, collector.name, objects):
+            why = f": {detail}" if detail else " (privilege check)"
+            log.warning("collector %s on %s skipped: may not use %s%s; grant it to collect these metrics",
+                        collector.name, runtime.name, ", ".join(sorted(objects)), why)
 
     def _run_one(
         self, runtime: TargetRuntime, eff: Effective, dbname: str | None

@@ -63,7 +63,8 @@ def not_applicable(collector: Collector, facts: Facts | None) -> SkipReason | No
         return "role"
     if collector.role == "standby" and not facts.in_recovery:
         return "role"
-    if collector.preload and collector.preload not in facts.preload_libraries:
+    # Unknown preload libraries (a role without pg_read_all_settings): try, the run says "not_ready" if absent.
+    if collector.preload and facts.preload_libraries is not None and collector.preload not in facts.preload_libraries:
         return "preload"
     return None
 

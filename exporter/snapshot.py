@@ -27,6 +27,7 @@ class CollectorStatus:
     skipped: str | None = None
     errors: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     runs: int = 0
+    denied: frozenset[str] = frozenset()  # objects behind a ``denied`` skip
 
 
 @dataclass
@@ -35,8 +36,10 @@ class _TargetRecord:
 
     prefix: str
     up: bool | None = None
+    down_reason: str | None = None
     collectors: dict[str, CollectorStatus] = field(default_factory=dict)
     is_pgbouncer: bool = False
+    unavailable: dict[str, str] = field(default_factory=dict)  # database -> why the server refused it
 
 
 class Snapshot:
@@ -77,19 +80,54 @@ class Snapshot:
             old = statuses.get(collector) or CollectorStatus()
             statuses[collector] = dataclasses.replace(
                 old, skipped=reason, runs=old.runs + 1 if counts_as_run else old.runs,
-                duration=duration if counts_as_run else old.duration,
+                duration=duration if counts_as_run else old.duration, denied=frozenset(),
             )
             self._drop_locked(target, collector)
             return old.skipped
 
+    def record_denied(self, target: str, collector: str, objects: frozenset[str]) -> bool:
+        """The collector may not use ``objects``: skip it and serve the denial; True when that is news."""
+        with self._lock:
+            statuses = self._targets[target].collectors
+            old = statuses.get(collector) or CollectorStatus()
+            statuses[collector] = dataclasses.replace(old, skipped="denied", denied=objects)
+            self._drop_locked(target, collector)
+            return old.skipped != "denied" or old.denied != objects
+
+    def record_databases(self, target: str, visited: Iterable[str], unavailable: Mapping[str, str]
+                         ) -> dict[str, str | None]:
+        """Which visited databases refused us (and why); returns the changes: a new reason, or None if recovered."""
+        changes: dict[str, str | None] = {}
+        with self._lock:
+            known = self._targets[target].unavailable
+            for dbname in visited:
+                now = unavailable.get(dbname)
+                if known.get(dbname) != now:
+                    changes[dbname] = now
+                    if now is None:
+                        del known[dbname]
+                    else:
+                        known[dbname] = now
+        return changes
+
+    def forget_databases(self, target: str, keep: Iterable[str]) -> None:
+        """Stop reporting refusals of databases no longer selected (dropped, or the role lost CONNECT)."""
+        selected = set(keep)
+        with self._lock:
+            known = self._targets[target].unavailable
+            for dbname in [d for d in known if d not in selected]:
+                del known[dbname]
+
     def record_run(
         self, target: str, collector: str, *, duration: float, finished: float, series: int,
-        failures: Iterable[str], results: dict[str, dict[str, bytes]],
+        failures: Iterable[str], results: dict[str, dict[str, bytes]], unavailable: Iterable[str] = (),
     ) -> None:
         """The outcome of one run: its lines (all of its databases at once) and the status behind them.
 
         ``failures`` are the reason words of the databases whose run failed; a failed run that produced
-        no lines leaves nothing served: stale series are never served as if fresh.
+        no lines leaves nothing served: stale series are never served as if fresh. ``unavailable`` are
+        the reasons of databases the server refused: counted as errors, but the run still succeeded on
+        every database it could reach.
         """
         failed = list(failures)
         served = bool(results) or not failed
@@ -97,10 +135,11 @@ class Snapshot:
             statuses = self._targets[target].collectors
             old = statuses.get(collector) or CollectorStatus()
             errors = dict(old.errors)
-            for reason in failed:
+            for reason in [*failed, *unavailable]:
                 errors[reason] = errors.get(reason, 0) + 1
             statuses[collector] = dataclasses.replace(
                 old, runs=old.runs + 1, duration=duration, skipped=None, errors=MappingProxyType(errors),
+                denied=frozenset(),
                 success=not failed, series=series, last_success=old.last_success if failed else finished,
                 data_time=finished if served else None,
             )
@@ -110,10 +149,14 @@ class Snapshot:
             else:
                 self._drop_locked(target, collector)
 
-    def set_up(self, target: str, up: bool) -> None:
-        """Record the outcome of the last connection attempt; a down target serves no stale data."""
+    def set_up(self, target: str, up: bool, reason: str | None = None) -> None:
+        """Record the outcome of the last connection attempt (``reason``: why it failed); a down target serves
+        no stale data."""
         with self._lock:
             self._targets[target].up = up
+            self._targets[target].down_reason = None if up else reason
+            if not up:
+                self._targets[target].unavailable.clear()  # unknown until the server answers again
             if not up:
                 for key in [k for k in self._results if k[0] == target]:
                     del self._results[key]
@@ -164,9 +207,16 @@ class Snapshot:
             prefix = target.prefix
             if target.up is not None:  # before the first probe we know nothing: no series rather than a false 0
                 add(catalog.PGBOUNCER_UP if target.is_pgbouncer else catalog.PG_UP, prefix, (), 1 if target.up else 0)
+            if target.down_reason is not None:
+                spec = catalog.PGBOUNCER_UP_REASON if target.is_pgbouncer else catalog.PG_UP_REASON
+                add(spec, prefix, (target.down_reason,), 1)
+            for dbname, reason in target.unavailable.items():
+                add(catalog.DATABASE_UNAVAILABLE, prefix, (dbname, reason), 1)
             for name, status in target.collectors.items():
                 if status.skipped:
                     add(catalog.COLLECTOR_SKIPPED, prefix, (name, status.skipped), 1)
+                    for obj in sorted(status.denied):
+                        add(catalog.COLLECTOR_DENIED, prefix, (name, obj), 1)
                     continue
                 if status.success is not None:
                     add(catalog.COLLECTOR_SUCCESS, prefix, (name,), 1 if status.success else 0)

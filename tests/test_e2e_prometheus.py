@@ -65,6 +65,8 @@ TEST_ALERTS: dict[str, Any] = {
     "lock_wait": {"seconds": "2s", "for": "1s"},
 }
 
+RESTRICTED_PASSWORD = "Restricted-Role-Pw-9"
+
 #: Panel queries allowed to stay empty in this scenario, and why.
 NOT_FILLED: dict[tuple[str, str], str] = {}
 
@@ -207,6 +209,13 @@ def stack() -> Iterator[Stack]:
         # The statistical estimate needs the role to see pg_stats of the table (see postgres-facts.md).
         primary.execute("GRANT SELECT ON e2e_orders, e2e_events, e2e_locked TO pgvitals_mon")
         primary.execute("SELECT pg_switch_wal()")  # one successful archive, so archive age exists
+        # As a managed service looks to a monitoring role: a database pg_hba.conf refuses, and a role
+        # without pg_monitor (pg_ls_waldir() and pg_ls_archive_statusdir() are denied to it).
+        primary.execute("CREATE DATABASE e2e_refused")
+        hba = primary.cluster.data / "pg_hba.conf"
+        hba.write_text("host e2e_refused all 127.0.0.1/32 reject\n" + hba.read_text())
+        primary.execute("SELECT pg_catalog.pg_reload_conf()")
+        primary.execute(f"CREATE ROLE e2e_restricted LOGIN PASSWORD '{RESTRICTED_PASSWORD}'")
 
         standby = start_standby(primary, slot="e2e_standby", name="e2e-standby")
         cleanup.callback(standby.destroy)
@@ -221,7 +230,8 @@ def stack() -> Iterator[Stack]:
 
         settings = settings_for(
             [{"name": "primary", "dsn": primary.monitor_dsn, "max_connections": 4},
-             {"name": "replica", "dsn": standby.monitor_dsn, "max_connections": 4}],
+             {"name": "replica", "dsn": standby.monitor_dsn, "max_connections": 4},
+             {"name": "restricted", "dsn": primary.cluster.dsn("e2e_restricted", RESTRICTED_PASSWORD)}],
             pgbouncers=[{"name": "edge", "dsn": bouncer.admin_dsn}],
             pools=[{"name": "api", "application_name": "e2e_api*", "capacity": POOL_CAPACITY}],
             collectors=collector_overrides(), probe_interval="1s", max_backoff="2s", alerts=TEST_ALERTS,

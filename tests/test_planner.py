@@ -15,7 +15,7 @@ from exporter.planner import applicable, effective_collectors, not_applicable
 ROOT = Path(__file__).parent.parent
 
 
-def _facts(version_num: int = 150004, in_recovery: bool = False, preload: frozenset[str] = frozenset()) -> Facts:
+def _facts(version_num: int = 150004, in_recovery: bool = False, preload: frozenset[str] | None = frozenset()) -> Facts:
     return Facts(version_num=version_num, version="15.4", in_recovery=in_recovery, is_superuser=False,
                  roles=frozenset({"pg_monitor"}), databases=("postgres",), preload_libraries=preload)
 
@@ -32,7 +32,7 @@ def _collector(**overrides: object) -> Collector:
 def test_the_skipped_help_lists_exactly_the_reasons_the_planner_gives() -> None:
     help_text = catalog.COLLECTOR_SKIPPED.help
     listed = help_text[help_text.index("(reason: ") + len("(reason: "):help_text.index(")")].split(", ")
-    assert tuple(listed) == SKIP_REASONS == ("version", "role", "extension", "preload")
+    assert tuple(listed) == SKIP_REASONS == ("version", "role", "extension", "preload", "denied")
     assert set(cli.SKIP_EXPLANATIONS) == set(SKIP_REASONS)
     given = {
         not_applicable(_collector(min_server_version=160000), _facts()),
@@ -41,9 +41,12 @@ def test_the_skipped_help_lists_exactly_the_reasons_the_planner_gives() -> None:
         not_applicable(_collector(role="primary"), _facts(in_recovery=True)),
         not_applicable(_collector(preload="pg_stat_statements"), _facts()),
     }
-    assert given == {"version", "role", "preload"}  # "extension" (and "version" per database) come at the run
+    # "extension" (and "version" per database) come at the run; "denied" from the probe's privilege check.
+    assert given == {"version", "role", "preload"}
     assert not_applicable(_collector(preload="pg_stat_statements"),
                           _facts(preload=frozenset({"pg_stat_statements"}))) is None
+    # A role that may not read shared_preload_libraries: unknown, so the run is tried (it says not_ready).
+    assert not_applicable(_collector(preload="pg_stat_statements"), _facts(preload=None)) is None
 
 
 def test_overrides_and_target_kinds() -> None:

@@ -86,8 +86,17 @@ def test_self_metrics_are_rendered_as_declared() -> None:
     snapshot.add_target("other", label_text([("target", "other")]))
     snapshot.record_skip("other", "c", "version")
     snapshot.add_target("edge", label_text([("target", "edge")]), is_pgbouncer=True)
-    snapshot.set_up("edge", False)
+    snapshot.set_up("edge", False, "auth")
+    snapshot.add_target("full", label_text([("target", "full")]))
+    snapshot.set_up("full", False, "too_many_connections")
+    assert snapshot.record_denied("other", "d", frozenset({"pg_ls_waldir"}))
+    assert not snapshot.record_denied("other", "d", frozenset({"pg_ls_waldir"}))  # no news: not logged again
+    assert snapshot.record_databases("main", ["app", "db2"], {"app": "database_unavailable"}) == {
+        "app": "database_unavailable"}
     body = _families(snapshot.render(now=100.0))
+    assert body["pg_up_reason"] == ['pg_up_reason{target="full",reason="too_many_connections"} 1']
+    assert body["pgvitals_collector_denied"] == [
+        'pgvitals_collector_denied{target="other",collector="d",object="pg_ls_waldir"} 1']
     declared = {spec.name: spec for spec in SELF_METRICS}
     assert set(declared) <= set(body)  # this state shows every self-metric
     for name, samples in body.items():
@@ -98,3 +107,16 @@ def test_self_metrics_are_rendered_as_declared() -> None:
             labels = sample[sample.index("{") + 1:sample.index("}")]
             names = [pair.partition("=")[0] for pair in labels.split(",") if pair]
             assert names == (["target"] if spec.per_target else []) + list(spec.labels), sample
+
+
+def test_database_refusals_are_reported_until_the_database_answers_or_goes() -> None:
+    snapshot = _snapshot()
+    assert snapshot.record_databases("main", ["a", "b"], {"a": "database_unavailable"}) == {"a": "database_unavailable"}
+    assert snapshot.record_databases("main", ["a", "b"], {"a": "database_unavailable"}) == {}
+    assert "pgvitals_database_unavailable" in _families(snapshot.render(now=1.0))
+    assert snapshot.record_databases("main", ["a"], {}) == {"a": None}
+    assert "pgvitals_database_unavailable" not in _families(snapshot.render(now=1.0))
+    snapshot.record_databases("main", ["c"], {"c": "too_many_connections"})
+    snapshot.forget_databases("main", keep=["a"])  # c was dropped: its refusal is no longer news
+    assert "pgvitals_database_unavailable" not in _families(snapshot.render(now=1.0))
+

@@ -13,22 +13,35 @@ from exporter.collectors._helpers import MS, counter, gauge
 WAL = Collector(
     name="pg_wal",
     family="wal",
-    help="WAL position and the size of pg_wal.",
+    help="WAL position: written on a primary, replayed on a standby.",
     interval=30.0,
     timeout=5.0,
     variants=(SqlVariant(min_version=120000, sql="""
 SELECT pg_catalog.pg_wal_lsn_diff(
          CASE WHEN pg_catalog.pg_is_in_recovery() THEN pg_catalog.pg_last_wal_replay_lsn()
-              ELSE pg_catalog.pg_current_wal_lsn() END, '0/0') AS position_bytes,
-       d.size_bytes, d.segments
-FROM (SELECT COALESCE(sum(f.size), 0) AS size_bytes,
-             count(*) FILTER (WHERE f.name ~ '^[0-9A-F]{24}$') AS segments
-      FROM pg_catalog.pg_ls_waldir() f) d"""),),
+              ELSE pg_catalog.pg_current_wal_lsn() END, '0/0') AS position_bytes"""),),
     metrics=(
         gauge("pg_wal_position_bytes",
               "WAL position as a byte offset: written on a primary, replayed on a standby. Only ever grows: "
               "rate() is WAL throughput; the primary's minus a standby's is that standby's lag in bytes.",
               "position_bytes", unit="bytes"),
+    ),
+)
+
+# pg_ls_waldir() is what managed services revoke first: in a collector of its own, so that a denial
+# takes only the directory figures, never the WAL position.
+WAL_DIRECTORY = Collector(
+    name="pg_wal_directory",
+    family="wal",
+    help="Size and segment count of pg_wal (pg_ls_waldir(): pg_monitor, or an explicit EXECUTE grant).",
+    interval=30.0,
+    timeout=5.0,
+    requires=("pg_catalog.pg_ls_waldir()",),
+    variants=(SqlVariant(min_version=120000, sql="""
+SELECT COALESCE(sum(f.size), 0) AS size_bytes,
+       count(*) FILTER (WHERE f.name ~ '^[0-9A-F]{24}$') AS segments
+FROM pg_catalog.pg_ls_waldir() f"""),),
+    metrics=(
         gauge("pg_wal_directory_size_bytes", "Total size of the files in pg_wal.", "size_bytes", unit="bytes"),
         gauge("pg_wal_directory_segments", "WAL segment files in pg_wal.", "segments"),
     ),
@@ -224,7 +237,7 @@ FROM pg_catalog.pg_stat_wal w"""),
 ARCHIVER = Collector(
     name="pg_stat_archiver",
     family="wal",
-    help="The WAL archiver: archived and failed segments, age of the last success, segments waiting.",
+    help="The WAL archiver: archived and failed segments, age of the last success.",
     interval=30.0,
     timeout=5.0,
     variants=(SqlVariant(min_version=120000, sql="""
@@ -235,8 +248,7 @@ SELECT a.archived_count, a.failed_count,
        CASE pg_catalog.current_setting('archive_mode')
          WHEN 'always' THEN 1
          WHEN 'on' THEN (NOT pg_catalog.pg_is_in_recovery())::int
-         ELSE 0 END AS enabled,
-       (SELECT count(*) FROM pg_catalog.pg_ls_archive_statusdir() f WHERE f.name LIKE '%.ready') AS pending
+         ELSE 0 END AS enabled
 FROM pg_catalog.pg_stat_archiver a"""),),
     metrics=(
         counter("pg_stat_archiver_archived_total", "WAL files archived successfully.", "archived_count"),
@@ -248,10 +260,24 @@ FROM pg_catalog.pg_stat_archiver a"""),),
               "last_failure_age", unit="seconds"),
         gauge("pg_stat_archiver_enabled",
               "1 when this server archives WAL (archive_mode on and not a standby, or always).", "enabled"),
+    ),
+)
+
+# Like pg_ls_waldir(), pg_ls_archive_statusdir() may be revoked: the archiver counters must not go with it.
+ARCHIVE_STATUS = Collector(
+    name="pg_archive_status",
+    family="wal",
+    help="WAL files waiting to be archived (pg_ls_archive_statusdir(): pg_monitor, or an explicit EXECUTE grant).",
+    interval=30.0,
+    timeout=5.0,
+    requires=("pg_catalog.pg_ls_archive_statusdir()",),
+    variants=(SqlVariant(min_version=120000, sql="""
+SELECT count(*) AS pending FROM pg_catalog.pg_ls_archive_statusdir() f WHERE f.name LIKE '%.ready'"""),),
+    metrics=(
         gauge("pg_stat_archiver_pending_files",
               "WAL files waiting to be archived (.ready in pg_wal/archive_status); grows while archiving fails.",
               "pending"),
     ),
 )
 
-COLLECTORS = (WAL, CHECKPOINTER, BGWRITER, STAT_IO, STAT_WAL, ARCHIVER)
+COLLECTORS = (WAL, WAL_DIRECTORY, CHECKPOINTER, BGWRITER, STAT_IO, STAT_WAL, ARCHIVER, ARCHIVE_STATUS)

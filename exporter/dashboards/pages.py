@@ -158,6 +158,15 @@ def target_page(c: AlertsConfig) -> dict[str, Any]:
         _t("timeseries", "Collector health", "pgvitals' own view: 1 when a collector's last run succeeded.",
            Query(f"min by (target, collector) ({sel('pgvitals_collector_success')})", "{{target}} {{collector}}"),
            unit="none", min=0, max=1, thresholds=steps((1, GREEN), base=RED), threshold_lines=False),
+        _t("table", "What the monitoring role may not use",
+           "Objects a collector needs that the role may not use (or the platform does not support), and databases "
+           "the server refuses: those metrics are missing until granted; nothing else is affected.",
+           Query(f"max by (target, collector, object) ({sel('pgvitals_collector_denied')})", table=True,
+                 instant=True),
+           Query(f"max by (target, datname, reason) ({sel('pgvitals_database_unavailable')})", table=True,
+                 instant=True),
+           transformations=[{"id": "merge", "options": {}},
+                            {"id": "organize", "options": {"excludeByName": {"Time": True, "Value": True}}}]),
     ]
     return dashboard(UID_TARGET, "pgvitals / Target",
                      "Vital signs of the selected target(s); the links at the top open each family page.",
