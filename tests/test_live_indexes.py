@@ -7,8 +7,9 @@ from typing import Any
 import pytest
 
 from exporter.localpg import wait_until
-from tests.conftest import Metrics, Server, collect_once
+from tests.conftest import Metrics, Server
 from tests.test_live_cache import run_in_session
+from tests.test_live_sequences import collect_in
 
 pytestmark = [pytest.mark.live, pytest.mark.family("indexes")]
 
@@ -16,11 +17,7 @@ INDEXES = "pg_stat_user_indexes"
 
 
 def _collect(pg: Server, db: str, **params: Any) -> Metrics:
-    target = {"name": "main", "dsn": pg.dsn(db), "databases": {"include": [db]}}
-    extra = {"collectors": {INDEXES: params}} if params else {}
-    metrics = collect_once(pg, [INDEXES], targets=[target], **extra)
-    assert metrics.value("pgvitals_collector_success", collector=INDEXES) == 1
-    return metrics
+    return collect_in(pg, db, [INDEXES], **params)
 
 
 def _size(pg: Server, db: str, index: str) -> int:

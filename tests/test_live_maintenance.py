@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 
 from exporter.localpg import wait_until
-from tests.conftest import Metrics, Server, collect_once, start_server
+from tests.conftest import Metrics, Server, start_server
 from tests.test_live_locks import sessions
+from tests.test_live_sequences import collect_in
 
 pytestmark = [pytest.mark.live, pytest.mark.family("maintenance")]
 
@@ -19,12 +20,6 @@ WORKERS = "pg_autovacuum_workers"
 CRAWL = "SET vacuum_cost_delay = 100; SET vacuum_cost_limit = 1"
 
 
-def _collect(pg: Server, db: str, only: list[str]) -> Metrics:
-    target = {"name": "main", "dsn": pg.dsn(db), "databases": {"include": [db]}}
-    metrics = collect_once(pg, only, targets=[target])
-    for name in only:
-        assert metrics.value("pgvitals_collector_success", collector=name) == 1, name
-    return metrics
 
 
 def _big_table(pg: Server, db: str, name: str = "big", autovacuum: bool = False) -> int:
@@ -45,19 +40,25 @@ def _progress(pg: Server, view: str, db: str) -> dict[str, Any] | None:
     return rows[0] if rows else None
 
 
-def test_a_vacuum_held_mid_way_shows_phase_and_fraction(pg: Server, fresh_db: str) -> None:
-    pages = _big_table(pg, fresh_db)
-    with sessions(pg, fresh_db) as group:
-        crawler = group.open("vacuum")
+def _held_mid_way(pg: Server, db: str, command: str, view: str, counter: str
+                  ) -> tuple[dict[str, Any], Metrics, dict[str, Any]]:
+    """Run ``command`` at a crawl; once ``view`` shows ``counter`` moving, collect between two reads of it."""
+    with sessions(pg, db) as group:
+        crawler = group.open("crawler")
         crawler.autocommit = True
         crawler.execute(CRAWL)
-        group.start("vacuum", "VACUUM big")
-        wait_until(lambda: (p := _progress(pg, "pg_stat_progress_vacuum", fresh_db)) and p["heap_blks_scanned"] > 0,
-                   timeout=30)
-        before = _progress(pg, "pg_stat_progress_vacuum", fresh_db)
-        metrics = _collect(pg, fresh_db, [PROGRESS])
-        after = _progress(pg, "pg_stat_progress_vacuum", fresh_db)
+        group.start("crawler", command)
+        wait_until(lambda: (p := _progress(pg, view, db)) and p[counter] > 0, timeout=30)
+        before = _progress(pg, view, db)
+        metrics = collect_in(pg, db, [PROGRESS])
+        after = _progress(pg, view, db)
     assert before is not None and after is not None
+    return before, metrics, after
+
+
+def test_a_vacuum_held_mid_way_shows_phase_and_fraction(pg: Server, fresh_db: str) -> None:
+    pages = _big_table(pg, fresh_db)
+    before, metrics, after = _held_mid_way(pg, fresh_db, "VACUUM big", "pg_stat_progress_vacuum", "heap_blks_scanned")
     labels = {"datname": fresh_db, "schemaname": "public", "relname": "big", "phase": "scanning heap",
               "kind": "manual"}
     assert metrics.value("pg_stat_progress_vacuum_running", **labels) == 1
@@ -75,17 +76,8 @@ def test_an_analyze_held_mid_way_shows_its_sample(pg: Server, fresh_db: str) -> 
     if pg.version_num < 130000:
         pytest.skip("pg_stat_progress_analyze exists from PostgreSQL 13")
     pages = _big_table(pg, fresh_db)
-    with sessions(pg, fresh_db) as group:
-        crawler = group.open("analyze")
-        crawler.autocommit = True
-        crawler.execute(CRAWL)
-        group.start("analyze", "ANALYZE big")
-        wait_until(lambda: (p := _progress(pg, "pg_stat_progress_analyze", fresh_db))
-                   and p["sample_blks_scanned"] > 0, timeout=30)
-        before = _progress(pg, "pg_stat_progress_analyze", fresh_db)
-        metrics = _collect(pg, fresh_db, [PROGRESS])
-        after = _progress(pg, "pg_stat_progress_analyze", fresh_db)
-    assert before is not None and after is not None
+    before, metrics, after = _held_mid_way(pg, fresh_db, "ANALYZE big", "pg_stat_progress_analyze",
+                                           "sample_blks_scanned")
     labels = {"relname": "big", "phase": "acquiring sample rows", "kind": "manual"}
     assert metrics.value("pg_stat_progress_analyze_running", **labels) == 1
     assert metrics.value("pg_stat_progress_analyze_sample_blks", **labels) == pages  # fewer than 30,000
@@ -103,7 +95,7 @@ def test_create_index_concurrently_waiting_for_writers(pg: Server, fresh_db: str
         phase = "waiting for writers before build"
         wait_until(lambda: (p := _progress(pg, "pg_stat_progress_create_index", fresh_db)) and p["phase"] == phase,
                    timeout=30)
-        metrics = _collect(pg, fresh_db, [PROGRESS])
+        metrics = collect_in(pg, fresh_db, [PROGRESS])
         group.conns["writer"].rollback()
         group.join("build")
     assert "build" not in group.errors
@@ -111,7 +103,7 @@ def test_create_index_concurrently_waiting_for_writers(pg: Server, fresh_db: str
     assert [(labels["indexrelname"], labels["phase"], labels["kind"], value) for labels, value in running] == [
         ("orders_v", phase, "CREATE INDEX CONCURRENTLY", 1)]
     # Finished: the series are gone at the next collection.
-    assert not _collect(pg, fresh_db, [PROGRESS]).find("pg_stat_progress_create_index_running")
+    assert not collect_in(pg, fresh_db, [PROGRESS]).find("pg_stat_progress_create_index_running")
 
 
 @pytest.fixture
@@ -136,7 +128,7 @@ def test_busy_autovacuum_workers_are_counted(slow_autovacuum: Server) -> None:
 
     def all_busy() -> Metrics | None:
         before = _workers(pg)
-        metrics = _collect(pg, "busy", [WORKERS, PROGRESS])
+        metrics = collect_in(pg, "busy", [WORKERS, PROGRESS])
         return metrics if before == _workers(pg) == 2 else None
 
     metrics: Metrics = wait_until(all_busy, timeout=60, interval=0.5)
@@ -150,6 +142,6 @@ def test_busy_autovacuum_workers_are_counted(slow_autovacuum: Server) -> None:
 
 
 def test_idle_server_has_zero_workers_and_no_progress(pg: Server, fresh_db: str) -> None:
-    metrics = _collect(pg, fresh_db, [WORKERS, PROGRESS])
+    metrics = collect_in(pg, fresh_db, [WORKERS, PROGRESS])
     assert metrics.value("pg_autovacuum_workers", state="wraparound") == 0
     assert not metrics.find("pg_stat_progress_vacuum_running", datname=fresh_db)

@@ -14,12 +14,18 @@ pytestmark = [pytest.mark.live, pytest.mark.family("sequences")]
 SEQUENCES = "pg_sequences"
 
 
-def _collect(pg: Server, db: str, **params: Any) -> Metrics:
+def collect_in(pg: Server, db: str, collectors: list[str], **params: Any) -> Metrics:
+    """The collectors, once, as pg_monitor, in database ``db`` only; ``params`` go to each of them. All succeed."""
     target = {"name": "main", "dsn": pg.dsn(db), "databases": {"include": [db]}}
-    extra = {"collectors": {SEQUENCES: params}} if params else {}
-    metrics = collect_once(pg, [SEQUENCES], targets=[target], **extra)
-    assert metrics.value("pgvitals_collector_success", collector=SEQUENCES) == 1
+    extra = {"collectors": {name: params for name in collectors}} if params else {}
+    metrics = collect_once(pg, collectors, targets=[target], **extra)
+    for name in collectors:
+        assert metrics.value("pgvitals_collector_success", collector=name) == 1, name
     return metrics
+
+
+def _collect(pg: Server, db: str, **params: Any) -> Metrics:
+    return collect_in(pg, db, [SEQUENCES], **params)
 
 
 def _setup(pg: Server, db: str) -> None:
