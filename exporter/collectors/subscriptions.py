@@ -8,20 +8,40 @@ from exporter.collectors._helpers import counter, gauge
 SUB = ("datname", "subname")
 
 
-def _subscription_sql(worker: str, parallel_workers: str) -> str:
-    """One row per subscription (pg_subscription is shared: every database's), its workers summed.
+# Every subscription of every database (pg_subscription is a shared catalog), by oid. Only columns of
+# pg_subscription that every role may read are used (subconninfo is not); before 14 that excludes oid, so
+# the oid comes from pg_stat_subscription (a view that reads pg_subscription as its owner) by name. A name is
+# unique only within its database: where databases share one, the apply worker's database tells them apart,
+# and without a running worker such subscriptions are left out (pg_shdepend records no owner for the
+# superusers who own them).
+_SUBS_12 = """
+  SELECT s.subid, su.subname, d.datname, su.subenabled
+  FROM pg_catalog.pg_subscription su
+  JOIN pg_catalog.pg_database d ON d.oid = su.subdbid
+  JOIN (SELECT DISTINCT st.subid, st.subname FROM pg_catalog.pg_stat_subscription st) s ON s.subname = su.subname
+  WHERE (SELECT count(*) FROM pg_catalog.pg_subscription o WHERE o.subname = su.subname) = 1
+     OR EXISTS (SELECT FROM pg_catalog.pg_stat_subscription st
+                JOIN pg_catalog.pg_stat_activity a ON a.pid = st.pid
+                WHERE st.subid = s.subid AND a.datid = su.subdbid)"""
+_SUBS_14 = """
+  SELECT su.oid AS subid, su.subname, d.datname, su.subenabled
+  FROM pg_catalog.pg_subscription su JOIN pg_catalog.pg_database d ON d.oid = su.subdbid"""
+
+
+def _subscription_sql(subscriptions: str, worker: str, parallel_workers: str) -> str:
+    """One row per subscription, its workers summed.
 
     ``worker`` classifies a pg_stat_subscription row as 'apply', 'parallel apply' or 'table synchronization'.
-    Only columns of pg_subscription that every role may read are used (subconninfo is not).
     """
     return f"""
-WITH w AS (
+WITH subs AS ({subscriptions}
+), w AS (
   SELECT st.subid, st.pid, st.received_lsn, st.last_msg_receipt_time, st.latest_end_lsn, st.latest_end_time,
          {worker} AS worker
   FROM pg_catalog.pg_stat_subscription st
   WHERE st.pid IS NOT NULL
 )
-SELECT su.subname::text AS subname, d.datname::text AS datname, su.subenabled::int AS enabled,
+SELECT su.subname::text AS subname, su.datname::text AS datname, su.subenabled::int AS enabled,
        count(w.pid) FILTER (WHERE w.worker = 'apply') AS apply_workers,
        {parallel_workers} AS parallel_apply_workers,
        count(w.pid) FILTER (WHERE w.worker = 'table synchronization') AS sync_workers,
@@ -32,13 +52,13 @@ SELECT su.subname::text AS subname, d.datname::text AS datname, su.subenabled::i
        max(CASE WHEN w.latest_end_lsn IS NOT NULL AND w.received_lsn IS NOT NULL
                 THEN GREATEST(pg_catalog.pg_wal_lsn_diff(w.latest_end_lsn, w.received_lsn), 0) END)
          FILTER (WHERE w.worker = 'apply') AS receive_lag_bytes
-FROM pg_catalog.pg_subscription su
-JOIN pg_catalog.pg_database d ON d.oid = su.subdbid
-LEFT JOIN w ON w.subid = su.oid
-GROUP BY su.oid, su.subname, d.datname, su.subenabled"""
+FROM subs su
+LEFT JOIN w ON w.subid = su.subid
+GROUP BY su.subid, su.subname, su.datname, su.subenabled"""
 
 
 _PARALLEL = "count(w.pid) FILTER (WHERE w.worker = 'parallel apply')"
+_WORKER_15 = "CASE WHEN st.relid IS NULL THEN 'apply' ELSE 'table synchronization' END"
 
 SUBSCRIPTIONS = Collector(
     name="pg_stat_subscription",
@@ -49,15 +69,16 @@ SUBSCRIPTIONS = Collector(
     timeout=5.0,
     variants=(
         # Before 16 a row with a relation is a table synchronization worker, any other the apply worker.
-        SqlVariant(min_version=120000, max_version=160000,
-                   sql=_subscription_sql("CASE WHEN st.relid IS NULL THEN 'apply' ELSE 'table synchronization' "
-                                         "END", "NULL::bigint")),
+        SqlVariant(min_version=120000, max_version=140000,
+                   sql=_subscription_sql(_SUBS_12, _WORKER_15, "NULL::bigint")),
+        SqlVariant(min_version=140000, max_version=160000,
+                   sql=_subscription_sql(_SUBS_14, _WORKER_15, "NULL::bigint")),
         # 16 adds parallel apply workers (leader_pid set); 17 names the kind itself (worker_type).
         SqlVariant(min_version=160000, max_version=170000,
-                   sql=_subscription_sql("CASE WHEN st.relid IS NOT NULL THEN 'table synchronization' "
+                   sql=_subscription_sql(_SUBS_14, "CASE WHEN st.relid IS NOT NULL THEN 'table synchronization' "
                                          "WHEN st.leader_pid IS NOT NULL THEN 'parallel apply' ELSE 'apply' END",
                                          _PARALLEL)),
-        SqlVariant(min_version=170000, sql=_subscription_sql("st.worker_type", _PARALLEL)),
+        SqlVariant(min_version=170000, sql=_subscription_sql(_SUBS_14, "st.worker_type", _PARALLEL)),
     ),
     metrics=(
         gauge("pg_subscription_enabled", "1 when the subscription is enabled, 0 when disabled (by ALTER SUBSCRIPTION "
@@ -82,7 +103,9 @@ SUBSCRIPTIONS = Collector(
     ),
     notes="Per subscription on the subscriber; the publisher side is pg_replication_slots and pg_stat_replication "
           "(the slot is named after the subscription). Age and lag series are absent while no apply worker "
-          "runs: alert on `pg_subscription_enabled == 1 and pg_subscription_apply_workers == 0`.",
+          "runs: alert on `pg_subscription_enabled == 1 and pg_subscription_apply_workers == 0`. On 12 and 13 "
+          "pg_monitor cannot read pg_subscription.oid: subscriptions are matched by name, and one whose name "
+          "another database also uses is reported only while its apply worker runs.",
 )
 
 _STATS_COMMON = """
