@@ -119,3 +119,24 @@ def test_a_sequence_under_ddl_is_skipped_not_waited_for(pg: Server, fresh_db: st
 ])
 def test_used_share_arithmetic(row: dict[str, Any], last: int | None, expected: tuple[float, int] | None) -> None:
     assert used_share(row, last) == expected
+
+
+def test_many_sequences_are_all_read_across_batches(pg: Server, fresh_db: str) -> None:
+    from exporter.collectors.sequences import BATCH
+
+    count = 2 * BATCH + 50
+    pg.execute(f"""
+        DO $$ BEGIN
+          FOR i IN 1..{count} LOOP
+            EXECUTE format('CREATE SEQUENCE s%s MAXVALUE 1000', i);
+          END LOOP;
+        END $$;
+        SELECT setval('s{count}', 990);
+        GRANT SELECT ON ALL SEQUENCES IN SCHEMA public TO pgvitals_mon;
+    """, fresh_db)
+    metrics = _collect(pg, fresh_db)
+    # The last one created is read in the last batch.
+    assert metrics.value("pg_sequence_used_ratio", sequencename=f"s{count}") == pytest.approx(989 / 999)
+    assert len(metrics.find("pg_sequence_used_ratio")) == 1
+    assert metrics.value("pg_sequences_unmeasured", datname=fresh_db) == 0
+    assert metrics.value("pg_sequences_unreadable", datname=fresh_db) == 0

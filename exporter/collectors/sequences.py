@@ -117,10 +117,21 @@ def fetch_sequences(session: Session, ctx: RunContext, sql: str | None) -> Rows:
     return out
 
 
+#: Sequences read per savepoint. Each read holds an ACCESS SHARE lock until its (sub)transaction ends: rolling
+#: the savepoint back after each batch keeps a database with thousands of sequences from filling the shared
+#: lock table (max_locks_per_transaction), which every session shares.
+BATCH = 500
+
+
 def _last_values(session: Session, oids: list[int]) -> dict[int, int | None]:
     """Each sequence's last value (None: never called); sequences locked by DDL now are left out."""
-    if not oids:
-        return {}
+    values: dict[int, int | None] = {}
+    for start in range(0, len(oids), BATCH):
+        values.update(_read_batch(session, oids[start:start + BATCH]))
+    return values
+
+
+def _read_batch(session: Session, oids: list[int]) -> dict[int, int | None]:
     locked = session.locked_tables(oids)
     wanted = [oid for oid in oids if oid not in locked]
 
