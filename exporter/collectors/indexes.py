@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from exporter.catalog import Collector, Param, Rows, SqlVariant
 from exporter.collectors._helpers import counter, gauge
+from exporter.collectors.cache import INDEX
 from exporter.hooks import STICKINESS, query_top, sticky_rank
 
 if TYPE_CHECKING:
@@ -67,7 +68,6 @@ def fetch_indexes(session: Session, ctx: RunContext, sql: str | None) -> Rows:
                                          "unused_top_n": max(0, int(ctx.params["unused_top_n"]))})
 
 
-INDEX = ("datname", "schemaname", "relname", "indexrelname")
 _BOUND = " Largest indexes only; the rest in indexrelname=\"other\" (relname=\"other\", schemaname=\"\")."
 
 INDEX_USAGE = Collector(
