@@ -1,4 +1,5 @@
-"""Client sessions by database, role and application, and by application pool against its capacity."""
+"""Client sessions by database, role and application, by application pool against its capacity, and what
+every backend is waiting on."""
 
 from __future__ import annotations
 
@@ -104,14 +105,22 @@ def assign_pool(matchers: Sequence[PoolMatcher], application_name: str | None, u
 
 
 class SessionGroup(TypedDict):
-    """Client sessions that share database, role, application_name, address and state (one row of the scan)."""
+    """Backends that share type, database, role, application_name, address, state and wait (one row of the scan)."""
 
+    backend_type: str
     datname: str | None
     usename: str | None
     application_name: str | None
     client_addr: str | None
     state: str
+    wait_event_type: str | None
+    wait_event: str | None
     connections: int
+
+
+CLIENT_BACKEND = "client backend"
+#: The wait labels of a backend that waits for nothing: running on CPU (or in a wait PostgreSQL does not name).
+NOT_WAITING = "none"
 
 
 #: pg_connections cuts application_name to this many characters: a label, not a free-text field.
@@ -122,6 +131,8 @@ def connection_counts(groups: Sequence[SessionGroup]) -> Rows:
     """Session counts by database, role, application_name (shortened) and state, for pg_connections."""
     counts: dict[tuple[str | None, str | None, str | None, str], int] = {}
     for group in groups:
+        if group["backend_type"] != CLIENT_BACKEND:
+            continue
         application = group["application_name"]
         if application is not None:
             application = application[:APPLICATION_NAME_LABEL_LENGTH]
@@ -141,6 +152,8 @@ def pool_counts(groups: Sequence[SessionGroup], matchers: Sequence[PoolMatcher])
         for state in BASE_STATES:
             counts[(name, state)] = 0
     for group in groups:
+        if group["backend_type"] != CLIENT_BACKEND:
+            continue
         pool = assign_pool(matchers, group["application_name"], group["usename"], group["client_addr"])
         key = (pool, group["state"])
         counts[key] = counts.get(key, 0) + int(group["connections"])
@@ -155,31 +168,48 @@ def pool_counts(groups: Sequence[SessionGroup], matchers: Sequence[PoolMatcher])
     return out
 
 
+def wait_event_counts(groups: Sequence[SessionGroup]) -> Rows:
+    """Backends by type, database, state and what they wait on (``none``: not waiting), for pg_wait_event_sessions."""
+    counts: dict[tuple[str, str | None, str, str, str], int] = {}
+    for group in groups:
+        key = (group["backend_type"], group["datname"], group["wait_event_type"] or NOT_WAITING,
+               group["wait_event"] or NOT_WAITING, group["state"])
+        counts[key] = counts.get(key, 0) + int(group["connections"])
+    return [
+        {"backend_type": backend_type, "datname": datname, "wait_event_type": wait_type, "wait_event": event,
+         "state": state, "wait_sessions": count}
+        for (backend_type, datname, wait_type, event, state), count in counts.items()
+    ]
+
+
 def count_sessions(rows: Rows, ctx: RunContext) -> Rows:
-    """One scan of pg_stat_activity, counted twice: by database/role/application/state, and by pool."""
+    """One scan of pg_stat_activity, counted three ways: by database/role/application/state, by pool, by wait."""
     groups = cast(list[SessionGroup], rows)
-    return [*connection_counts(groups), *pool_counts(groups, pools_for(ctx.target, ctx.settings.pools))]
+    return [*connection_counts(groups), *pool_counts(groups, pools_for(ctx.target, ctx.settings.pools)),
+            *wait_event_counts(groups)]
 
 
 CONNECTIONS = Collector(
     name="pg_connections",
     family="connections",
     help="Client sessions from pg_stat_activity: by database, role, application and state, and by the "
-         "application pools declared under `pools:` with each pool's capacity.",
+         "application pools declared under `pools:` with each pool's capacity; and every backend by what it "
+         "waits on.",
     interval=15.0,
     timeout=5.0,
     variants=(
         SqlVariant(
             min_version=120000,
-            # Grouped server-side: hundreds of sessions become a few rows. Both counts come from this one
+            # Grouped server-side: hundreds of sessions become a few rows. Every count comes from this one
             # scan, so they always add up; pool matching happens in Python (globs and CIDR ranges from the
-            # config never reach the SQL).
+            # config never reach the SQL). Background processes have no state: '' rather than 'unknown',
+            # which says a client backend's state is hidden from this role.
             sql="""
-SELECT a.datname, a.usename, a.application_name, pg_catalog.host(a.client_addr) AS client_addr,
-       COALESCE(a.state, 'unknown') AS state, count(*) AS connections
+SELECT a.backend_type, a.datname, a.usename, a.application_name, pg_catalog.host(a.client_addr) AS client_addr,
+       COALESCE(a.state, CASE WHEN a.backend_type = 'client backend' THEN 'unknown' ELSE '' END) AS state,
+       a.wait_event_type, a.wait_event, count(*) AS connections
 FROM pg_catalog.pg_stat_activity a
-WHERE a.backend_type = 'client backend'
-GROUP BY 1, 2, 3, 4, 5""",
+GROUP BY 1, 2, 3, 4, 5, 6, 7, 8""",
         ),
     ),
     transform=count_sessions,
@@ -192,6 +222,11 @@ GROUP BY 1, 2, 3, 4, 5""",
               "wins, in config order); sessions matching no pool count under pool=\"unmatched\". "
               "Compare sum by (pool) with pg_pool_capacity.",
               "pool_connections", ("pool", "state")),
+        gauge("pg_wait_event_sessions",
+              "Backends by type, database, state and what they are waiting on (wait_event_type and wait_event "
+              "of pg_stat_activity; \"none\" when not waiting: on CPU, or in a wait PostgreSQL does not "
+              "name). Client backends carry backend_type=\"client backend\".",
+              "wait_sessions", ("backend_type", "datname", "wait_event_type", "wait_event", "state")),
         gauge("pg_pool_capacity",
               "Declared capacity of the application pool (e.g. SQLAlchemy pool_size + max_overflow, "
               "SQLx max_connections).",
@@ -203,7 +238,11 @@ GROUP BY 1, 2, 3, 4, 5""",
           "the pool their application_name (default `pgvitals`) matches, usually `unmatched`. Needs "
           "pg_monitor (pg_read_all_stats): without it other roles' state and client_addr are hidden, so "
           "their sessions show as state=\"unknown\" and never match a CIDR pool. Pools listing `targets` "
-          "apply only to those targets. Without `pools:` every session counts under pool=\"unmatched\".",
+          "apply only to those targets. Without `pools:` every session counts under pool=\"unmatched\". "
+          "Wait events are sampled at this collector's interval: a gauge of who waits on what at that "
+          "instant, summed over sessions (never one series per session; an idle client waits on "
+          "Client/ClientRead). Background processes (checkpointer, walwriter, autovacuum, walsenders, "
+          "parallel workers) have datname=\"\" where they belong to no database, and state=\"\".",
 )
 
 COLLECTORS = (CONNECTIONS_MAX, CONNECTIONS)

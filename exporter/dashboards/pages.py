@@ -16,6 +16,7 @@ from exporter.dashboards.grafana import (
     GREEN,
     ORANGE,
     RED,
+    YELLOW,
     PanelSpec,
     Query,
     alarm,
@@ -43,6 +44,8 @@ UID_CACHE = "pgvitals-cache"
 
 TOP = 10  # rows in "top N" panels
 RANGE = "$__range"
+#: Shares of a sequence's range at which the proposed sequence alerts warn and page (not yet configurable).
+SEQUENCE_WARNING, SEQUENCE_CRITICAL = 0.8, 0.95
 
 
 def _t(kind: str, title: str, about: str, *queries: Query, **options: Any) -> PanelSpec:
@@ -140,6 +143,17 @@ def target_page(c: AlertsConfig) -> dict[str, Any]:
         _t("stat", "Oldest lock wait", "The longest a session has been waiting for a lock.",
            Query(f"max by (target) ({sel('pg_lock_wait_max_seconds')})", "{{target}}"), unit="s",
            thresholds=alarm(c.lock_wait.seconds), width=4, height=5),
+        _t("stat", "Uptime", "Time since the server (postmaster) started; yellow for the first hour after a restart.",
+           Query(f"time() - {sel('pg_postmaster_start_time_seconds')}", "{{target}}"), unit="s",
+           thresholds=steps((3600, GREEN), base=YELLOW), width=6, height=5),
+        _t("table", "Server", "Version, checksums, cluster name and system identifier of each target, and when it "
+           "last reloaded its configuration.",
+           Query(sel("pg_server_info"), table=True, instant=True),
+           Query(f"time() - {sel('pg_config_reload_time_seconds')}", table=True, instant=True), width=18, height=5,
+           transformations=[{"id": "merge", "options": {}},
+                            {"id": "organize", "options": {
+                                "excludeByName": {"Time": True, "Value #A": True, "__name__": True},
+                                "renameByName": {"Value #B": "since last reload (s)"}}}]),
         _t("timeseries", "Transactions per second", "Commits and rollbacks per second, by database.",
            Query(f"sum by (target, datname) ({rate('pg_stat_database_xact_commit_total')})",
                  "commit {{target}}/{{datname}}"),
@@ -207,6 +221,12 @@ def queries_page(c: AlertsConfig) -> dict[str, Any]:
            thresholds=alarm(c.idle_in_transaction.seconds), width=8),
         _t("timeseries", "Longest open transaction", "Age of the oldest open transaction (it holds back vacuum).",
            Query(sel("pg_stat_activity_max_tx_duration_seconds"), "{{target}}/{{datname}}"), unit="s", width=8),
+        _t("timeseries", "What sessions wait on", "Client sessions that are not idle, by what they wait on at each "
+           "sample (wait_event_type/wait_event; none/none: running on CPU or in a wait PostgreSQL does not name). "
+           "Client/ClientRead while idle in transaction is the application, not the database.",
+           Query(f"sum by (target, wait_event_type, wait_event) "
+                 f"({sel('pg_wait_event_sessions', backend_type='client backend', state='!idle')})",
+                 "{{target}} {{wait_event_type}}/{{wait_event}}"), unit="short", stack=True, width=24),
         _t("timeseries", "Slow queries running", "Active queries running longer than the slow threshold.",
            Query(sel("pg_slow_queries"), "{{target}}/{{datname}}"), unit="short", thresholds=rising(1)),
         _t("timeseries", "Temporary files written", "Bytes per second queries spill to temporary files "
@@ -284,6 +304,48 @@ def storage_page(c: AlertsConfig) -> dict[str, Any]:
                  "[$__rate_interval]))", "autovacuum {{target}}/{{datname}}"),
            Query(f"sum by (target, datname) (increase({sel('pg_stat_user_tables_autoanalyze_count_total')}"
                  "[$__rate_interval]))", "autoanalyze {{target}}/{{datname}}"), unit="short"),
+        "Maintenance in progress",
+        _t("bargauge", "Vacuum progress", "Share of the heap each running VACUUM has scanned, with its phase and kind "
+           "(manual, autovacuum, wraparound). Empty while nothing runs.",
+           Query(f"{sel('pg_stat_progress_vacuum_heap_blks_scanned')} / ({sel('pg_stat_progress_vacuum_heap_blks')} "
+                 "> 0)", table + " {{phase}} ({{kind}})"), unit="percentunit", min=0, max=1, width=8),
+        _t("timeseries", "Autovacuum workers", "Autovacuum workers by what they do, against autovacuum_max_workers: "
+           "all of them busy for long means tables queue for vacuum.",
+           Query(f"sum by (target, state) ({sel('pg_autovacuum_workers')})", "{{target}} {{state}}"),
+           Query(sel("pg_settings_autovacuum_max_workers"), "{{target}} autovacuum_max_workers"), unit="short",
+           width=8),
+        _t("bargauge", "Index builds", "Share of the current phase's blocks each running CREATE INDEX or REINDEX "
+           "has done. Empty while nothing runs.",
+           Query(f"{sel('pg_stat_progress_create_index_blocks_done')} / "
+                 f"({sel('pg_stat_progress_create_index_blocks')} > 0)",
+                 "{{target}}/{{datname}} {{indexrelname}} {{phase}}"), unit="percentunit", min=0, max=1, width=8),
+        "Indexes",
+        _t("table", "Largest unused indexes", "Indexes nothing has scanned since the statistics reset that enforce "
+           "nothing (not unique, primary or exclusion). Check standbys and rare jobs before dropping one.",
+           Query(f"topk({TOP}, {sel('pg_index_unused_size_bytes')})", table=True, instant=True), unit="bytes",
+           transformations=[{"id": "organize", "options": {"excludeByName": {"Time": True, "__name__": True}}}]),
+        _t("timeseries", "Unused index space", "Summed size of the unused indexes of each database.",
+           Query(sel("pg_index_unused_bytes"), "{{target}}/{{datname}}"), unit="bytes"),
+        _t("bargauge", "Most scanned indexes", f"Index scans per second (top {TOP}).",
+           Query(f"topk({TOP}, sum by (target, datname, schemaname, relname, indexrelname) "
+                 f"({rate('pg_stat_user_indexes_scans_total')}))", "{{datname}} {{indexrelname}}"), unit="ops"),
+        _t("bargauge", "Largest indexes", f"Index size as of its last VACUUM or ANALYZE (top {TOP}).",
+           Query(f"topk({TOP}, {sel('pg_index_size_bytes', indexrelname='!other')})",
+                 "{{datname}} {{indexrelname}}"), unit="bytes"),
+        "Sequences",
+        _t("bargauge", "Sequences closest to exhaustion", "Share of its range each sequence has used, bounded by the "
+           "column it feeds (sequences over the exporter's floor, default 50 %); yellow at "
+           f"{SEQUENCE_WARNING:.0%}, red at {SEQUENCE_CRITICAL:.0%}.",
+           Query(f"topk({TOP}, {sel('pg_sequence_used_ratio')})", "{{datname}} {{schemaname}}.{{sequencename}}"),
+           unit="percentunit", min=0, max=1, thresholds=rising(SEQUENCE_WARNING, SEQUENCE_CRITICAL), width=12),
+        _t("timeseries", "Highest sequence use per database", "The most used sequence of each database, whatever "
+           "the floor; sequences the exporter's role cannot read are not measured (see the next panel).",
+           Query(sel("pg_sequences_max_used_ratio"), "{{target}}/{{datname}}"), unit="percentunit", min=0,
+           thresholds=rising(SEQUENCE_WARNING, SEQUENCE_CRITICAL), width=8),
+        _t("stat", "Unreadable sequences", "Sequences whose value the exporter's role may not read (grant SELECT or "
+           "pg_read_all_data): they are not watched.",
+           Query(f"sum by (target) ({sel('pg_sequences_unreadable')})", "{{target}}"), unit="none",
+           thresholds=rising(1), width=4),
         "Wraparound",
         _t("timeseries", "Transaction ID age towards wraparound", "Age of the oldest transaction and multixact "
            f"ID as a share of 2^31; yellow at {c.wraparound.warning:.0%}, red at {c.wraparound.critical:.0%} "
@@ -346,6 +408,21 @@ def replication_page(c: AlertsConfig) -> dict[str, Any]:
            Query(sel("pg_replication_slot_active"), slot), unit="none", mappings=[{"type": "value", "options": {
                "0": {"text": "inactive", "color": RED, "index": 0},
                "1": {"text": "active", "color": GREEN, "index": 1}}}], thresholds=steps((1, GREEN), base=RED)),
+        "Logical replication (subscriber)",
+        _t("timeseries", "Subscription apply workers", "Apply workers of each subscription on this subscriber: 0 "
+           "while enabled means it is stopped (cannot connect, or errors and restarts).",
+           Query(sel("pg_subscription_apply_workers"), "{{target}}/{{datname}} {{subname}} apply"),
+           Query(sel("pg_subscription_enabled"), "{{target}}/{{datname}} {{subname}} enabled"), unit="short",
+           min=0, width=8),
+        _t("timeseries", "Time since the publisher was heard from", "Seconds since each subscription's apply worker "
+           "last received anything from its publisher; keepalives keep it under wal_sender_timeout / 2.",
+           Query(sel("pg_subscription_last_message_age_seconds"), "{{target}}/{{datname}} {{subname}}"), unit="s",
+           width=8),
+        _t("timeseries", "Subscription errors", "Apply and table synchronization errors per rate interval (15+).",
+           Query(f"increase({sel('pg_subscription_apply_errors_total')}[$__rate_interval])",
+                 "apply {{target}}/{{datname}} {{subname}}"),
+           Query(f"increase({sel('pg_subscription_sync_errors_total')}[$__rate_interval])",
+                 "sync {{target}}/{{datname}} {{subname}}"), unit="short", thresholds=rising(1), width=8),
         "WAL archiving",
         _t("timeseries", "Archiver", "Segments archived and archive_command failures per rate interval.",
            Query(f"increase({sel('pg_stat_archiver_archived_total')}[$__rate_interval])", "archived {{target}}"),
@@ -356,7 +433,8 @@ def replication_page(c: AlertsConfig) -> dict[str, Any]:
         _t("timeseries", "Time since last archived segment", "Age of the last successfully archived WAL segment.",
            Query(sel("pg_stat_archiver_last_archive_age_seconds"), "{{target}}"), unit="s"),
     ]
-    return dashboard(UID_REPLICATION, "pgvitals / Replication", "Standby lag, slots and WAL archiving.", panels,
+    return dashboard(UID_REPLICATION, "pgvitals / Replication",
+                     "Standby lag, slots, logical subscriptions and WAL archiving.", panels,
                      [datasource_variable(), target_variable(), datname_variable()])
 
 
