@@ -87,7 +87,7 @@ def test_checkpoint_counters_keep_their_names_on_every_version(pg: Server, fresh
 def test_wal_position_and_directory(pg: Server, monitor: bool) -> None:
     position = "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0') AS p"
     low = _row(pg, position)["p"]
-    metrics = _collect(pg, monitor, ["pg_wal", "pg_stat_archiver"])
+    metrics = _collect(pg, monitor, ["pg_wal", "pg_stat_archiver", "pg_archive_status"])
     high = _row(pg, position)["p"]
     _between(metrics, "pg_wal_position_bytes", low, high)
     directory = ("SELECT sum(size) AS size, count(*) FILTER (WHERE name ~ '^[0-9A-F]{24}$') AS segments "
@@ -96,7 +96,7 @@ def test_wal_position_and_directory(pg: Server, monitor: bool) -> None:
     def stable_match() -> bool:
         # pg_wal changes when segments are recycled: compare while it holds still.
         before = _row(pg, directory)
-        found = _collect(pg, monitor, ["pg_wal"])
+        found = _collect(pg, monitor, ["pg_wal_directory"])
         after = _row(pg, directory)
         return before == after and found.value("pg_wal_directory_size_bytes") == before["size"] \
             and found.value("pg_wal_directory_segments") == before["segments"]
@@ -181,7 +181,7 @@ def test_failing_archive_command_is_counted(archiving_server: Server, monitor: b
     _switch_segment(server)
     wait_until(lambda: _row(server, truth)["failed_count"] >= 2, timeout=60)
     before = _row(server, truth)
-    metrics = _collect(server, monitor, ["pg_stat_archiver"])
+    metrics = _collect(server, monitor, ["pg_stat_archiver", "pg_archive_status"])
     after = _row(server, truth)
     _no_errors(metrics)
     failed = _between(metrics, "pg_stat_archiver_failed_total", before["failed_count"], after["failed_count"])
@@ -201,7 +201,7 @@ def test_failing_archive_command_is_counted(archiving_server: Server, monitor: b
 
     def drained() -> Metrics | None:
         # Before 15 the archiver reports through the statistics collector: counts arrive a bit later.
-        found = _collect(server, monitor, ["pg_stat_archiver"])
+        found = _collect(server, monitor, ["pg_stat_archiver", "pg_archive_status"])
         archived = found.value("pg_stat_archiver_archived_total")
         done = found.value("pg_stat_archiver_pending_files") == 0 and archived is not None and archived >= 2
         return found if done else None
