@@ -56,6 +56,7 @@ class Snapshot:
         self._results: dict[tuple[str, str], dict[str, dict[str, bytes]]] = {}
         self._targets: dict[str, _TargetRecord] = {}
         self._data_body: bytes | None = None
+        self._target_bodies: dict[str, bytes] = {}  # target -> its collected lines, for /probe
         self._order = tuple(catalog.metrics())
         self._self_order = tuple(catalog.self_metrics)
 
@@ -63,6 +64,19 @@ class Snapshot:
         """Register a target; its up series appears with the first probe."""
         with self._lock:
             self._targets[name] = _TargetRecord(prefix=prefix, is_pgbouncer=is_pgbouncer)
+
+    def remove_target(self, name: str) -> None:
+        """Forget a target: its lines and every self-metric about it."""
+        with self._lock:
+            self._targets.pop(name, None)
+            for key in [k for k in self._results if k[0] == name]:
+                del self._results[key]
+            self._invalidate_locked(name)
+
+    def has_target(self, name: str) -> bool:
+        """Whether ``name`` is a registered target."""
+        with self._lock:
+            return name in self._targets
 
     def status(self, target: str, collector: str) -> CollectorStatus | None:
         """The status of a collector on a target (immutable); None before its first run or skip."""
@@ -145,7 +159,7 @@ class Snapshot:
             )
             if results:
                 self._results[(target, collector)] = results
-                self._data_body = None
+                self._invalidate_locked(target)
             else:
                 self._drop_locked(target, collector)
 
@@ -163,7 +177,7 @@ class Snapshot:
                 statuses = self._targets[target].collectors
                 for name, status in statuses.items():
                     statuses[name] = dataclasses.replace(status, data_time=None)
-                self._data_body = None
+                self._invalidate_locked(target)
 
     def replace(self, target: str, collector: str, per_database: dict[str, dict[str, bytes]]) -> None:
         """Swap in the lines of one collector run (all of its databases at once), status untouched."""
@@ -172,11 +186,16 @@ class Snapshot:
                 self._results[(target, collector)] = per_database
             else:
                 self._results.pop((target, collector), None)
-            self._data_body = None
+            self._invalidate_locked(target)
 
     def _drop_locked(self, target: str, collector: str) -> None:
         if self._results.pop((target, collector), None) is not None:
-            self._data_body = None
+            self._invalidate_locked(target)
+
+    def _invalidate_locked(self, target: str) -> None:
+        """Forget the cached bodies that hold ``target``'s lines (rebuilt at the next scrape)."""
+        self._data_body = None
+        self._target_bodies.pop(target, None)
 
     def render(self, now: float | None = None) -> bytes:
         """The whole exposition: cached collector data plus freshly computed self-metrics."""
@@ -190,10 +209,29 @@ class Snapshot:
                             by_metric[name].append(lines)
                 self._data_body = assemble(self._order, by_metric)
             data = self._data_body
-            own = self._render_self(now)
+            own = self._render_self(now, self._targets.values())
         return data + own
 
-    def _render_self(self, now: float) -> bytes:
+    def render_target(self, target: str, now: float | None = None) -> bytes | None:
+        """One target's exposition (its data and self-metrics) for /probe; None for an unknown target."""
+        now = time.time() if now is None else now
+        with self._lock:
+            record = self._targets.get(target)
+            if record is None:
+                return None
+            data = self._target_bodies.get(target)
+            if data is None:
+                by_metric: dict[str, list[bytes]] = defaultdict(list)
+                for (owner, _collector), per_database in self._results.items():
+                    if owner == target:
+                        for chunks in per_database.values():
+                            for name, lines in chunks.items():
+                                by_metric[name].append(lines)
+                data = self._target_bodies[target] = assemble(self._order, by_metric)
+            own = self._render_self(now, (record,))
+        return data + own
+
+    def _render_self(self, now: float, targets: Iterable[_TargetRecord]) -> bytes:
         """The self-metrics from the status records; called under the lock, so every record is consistent."""
         lines: dict[str, list[bytes]] = defaultdict(list)
 
@@ -203,7 +241,7 @@ class Snapshot:
             lines[spec.name].append(f"{spec.name}{{{labels}}} {format_value(value)}\n".encode())
 
         add(catalog.BUILD_INFO, "", (self._version,), 1)
-        for target in self._targets.values():
+        for target in targets:
             prefix = target.prefix
             if target.up is not None:  # before the first probe we know nothing: no series rather than a false 0
                 add(catalog.PGBOUNCER_UP if target.is_pgbouncer else catalog.PG_UP, prefix, (), 1 if target.up else 0)
