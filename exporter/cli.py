@@ -56,7 +56,16 @@ def _settings(args: argparse.Namespace) -> Settings:
     raw = None
     if getattr(args, "dsn", None):
         raw = {"targets": [{"name": args.name, "dsn": args.dsn}]}
-    return load_settings(Path(args.config) if args.config else None, raw=raw)
+    overrides = {"shard": args.shard} if getattr(args, "shard", None) else None
+    return load_settings(Path(args.config) if args.config else None, raw=raw, overrides=overrides)
+
+
+def shard_argument(text: str) -> dict[str, int | str]:
+    """``--shard I/N`` (or ``auto/N``: the StatefulSet pod ordinal in the hostname) as the ``shard:`` section."""
+    index, sep, count = text.partition("/")
+    if not sep or not count.isdigit() or not (index.isdigit() or index == "auto"):
+        raise argparse.ArgumentTypeError(f"expected INDEX/COUNT or auto/COUNT, e.g. 1/3, not {text!r}")
+    return {"index": "hostname" if index == "auto" else int(index), "count": int(count)}
 
 
 def _config_failure(error: ConfigError, source: str | None) -> int:
@@ -266,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     with_source(run, dsn=True)
     run.add_argument("--web.config.file", dest="web_config_file", metavar="FILE",
                      help="exporter-toolkit web config (TLS, basic auth, headers); overrides web_config_file")
+    run.add_argument("--shard", type=shard_argument, metavar="I/N",
+                     help="poll only the configured targets that fall to shard I of N (rendezvous hash of the "
+                     "target name); auto/N takes I from the StatefulSet pod ordinal in the hostname; overrides shard:")
     run.add_argument("--web.enable-lifecycle", dest="web_enable_lifecycle", action="store_true",
                      help="accept POST /-/reload (Prometheus' convention)")
     run.set_defaults(func=cmd_run)

@@ -6,6 +6,7 @@ import functools
 import ipaddress
 import os
 import re
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
@@ -407,6 +408,19 @@ class AlertsConfig(_Strict):
                          "(each rule links to <base>/runbooks.md#<alert>)")
 
 
+class ShardConfig(_Strict):
+    """Which share of the configured targets this process polls (exporter/shards.py)."""
+
+    index: int = Field(ge=0)  # `hostname` in the YAML: the StatefulSet pod ordinal, resolved when loading
+    count: int = Field(ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _below_count(self) -> ShardConfig:
+        if self.index >= self.count:
+            raise ValueError(f"index {self.index} must be below count {self.count} (shards are 0..count-1)")
+        return self
+
+
 class Settings(_Strict):
     """The whole validated configuration."""
 
@@ -426,6 +440,7 @@ class Settings(_Strict):
     workers: int = Field(default=0, ge=0, le=256)  # 0: sized from the number of targets
     log: LogConfig = Field(default_factory=LogConfig)
     web_config_file: Path | None = None  # exporter-toolkit web config: TLS, basic auth (exporter/webconfig.py)
+    shard: ShardConfig | None = None  # None: this process polls every configured target
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
 
     @field_validator("collectors", mode="before")
@@ -579,12 +594,31 @@ def _report(problems: list[Problem], lines: Mapping[Loc, int]) -> list[str]:
     return sorted(set(texts), key=texts.index)
 
 
+def _resolve_shard_index(data: dict[str, Any], environ: Mapping[str, str]) -> list[Problem]:
+    """``shard.index: hostname``: the StatefulSet pod ordinal at the end of the hostname (``pgvitals-2`` -> 2)."""
+    from exporter.shards import hostname_ordinal
+
+    shard = data.get("shard")
+    if not isinstance(shard, dict) or shard.get("index") != "hostname":
+        return []
+    hostname = environ.get("HOSTNAME") or socket.gethostname()
+    ordinal = hostname_ordinal(hostname)
+    if ordinal is None:
+        del data["shard"]  # reported here, not once more as "not an integer"
+        return [(("shard", "index"), f"the hostname {hostname!r} ends in no -N ordinal (StatefulSet pods are "
+                                     "named NAME-0, NAME-1, ...): give the index as a number")]
+    data["shard"] = {**shard, "index": ordinal}
+    return []
+
+
 def load_settings(
     path: Path | None = None,
     environ: Mapping[str, str] | None = None,
     raw: Mapping[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> Settings:
-    """Read, override from the environment and validate; raise ConfigError with every problem."""
+    """Read, override from the environment and the command line (``overrides``, top-level keys) and validate;
+    raise ConfigError with every problem."""
     environ = os.environ if environ is None else environ
     lines: dict[Loc, int] = {}
     if raw is not None:
@@ -595,9 +629,13 @@ def load_settings(
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(["(top level): expected a mapping of settings"])
-    for replaced in _apply_env(data, environ):
+    replaced_paths = _apply_env(data, environ)
+    for key, value in (overrides or {}).items():
+        data[key] = value
+        replaced_paths.append((key,))
+    for replaced in replaced_paths:
         lines = {loc: line for loc, line in lines.items() if loc[:len(replaced)] != replaced}
-    problems: list[Problem] = []
+    problems: list[Problem] = _resolve_shard_index(data, environ)
     settings: Settings | None = None
     try:
         settings = Settings.model_validate(data)

@@ -6,19 +6,21 @@ import logging
 import random
 import signal
 import threading
+from collections.abc import Mapping
 from contextlib import suppress
 from datetime import datetime, timedelta
+from http import HTTPStatus
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers import SchedulerNotRunningError
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from exporter import __version__, catalog
+from exporter import __version__, catalog, shards
 from exporter.config import Settings
 from exporter.engine import Engine, Probe, TargetRuntime
 from exporter.planner import Effective
-from exporter.server import MetricsServer
+from exporter.server import MetricsServer, probe_snapshot
 from exporter.snapshot import Snapshot
 from exporter.webconfig import WebConfig
 
@@ -113,12 +115,27 @@ class Daemon:
         self._ready_latched = True
         return True, "ready"
 
+    # -- /probe -------------------------------------------------------------------------------
+
+    def probe(self, params: Mapping[str, str]) -> tuple[HTTPStatus, bytes]:
+        """/probe?target=NAME: a configured target's series, or why this process has none."""
+        status, body = probe_snapshot(self.snapshot, params)
+        name = params.get("target", "")
+        if status is not HTTPStatus.NOT_FOUND:
+            return status, body
+        shard = self.settings.shard
+        configured = {cfg.name for cfg in (*self.settings.targets, *self.settings.pgbouncers)}
+        if shard is not None and name in configured:
+            return HTTPStatus.NOT_FOUND, (f"target {name!r} is polled by shard {shards.owner(name, shard.count)} of "
+                                          f"{shard.count}, not by this one ({shard.index})\n").encode()
+        return status, body
+
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
         """Start serving and collecting (returns at once)."""
         self.server = MetricsServer(self.settings.listen_host, self.settings.listen_port, self.snapshot, self.ready,
-                                    web=self.web)
+                                    web=self.web, probe=self.probe)
         self.server.start()
         self._schedule()
         self.scheduler.start()

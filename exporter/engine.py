@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 from psycopg.conninfo import conninfo_to_dict
 
-from exporter import planner, secrets
+from exporter import planner, secrets, shards
 from exporter.catalog import Catalog, Collector
 from exporter.config import PgBouncerConfig, Settings, TargetConfig
 from exporter.db import (
@@ -138,6 +138,12 @@ class Engine:
             name for e in self.collectors.values() if e.enabled for name in e.collector.requires
         )
         configs: list[TargetConfig | PgBouncerConfig] = [*settings.targets, *settings.pgbouncers]
+        if settings.shard is not None:
+            index, count = settings.shard.index, settings.shard.count
+            configs = [cfg for cfg in configs if shards.owner(cfg.name, count) == index]
+            snapshot.set_shard(index, count, len(configs))
+        else:
+            snapshot.set_shard(0, 1, len(configs))
         for cfg in configs:
             runtime = build_runtime(cfg, settings)
             self.targets[cfg.name] = runtime

@@ -148,6 +148,17 @@ def parse_head(head: bytes) -> Request:
     return Request(method, path, version, headers, query)
 
 
+def probe_snapshot(snapshot: Snapshot, params: Mapping[str, str]) -> tuple[HTTPStatus, bytes]:
+    """/probe?target=NAME from the snapshot: the target's series, 400 without a name, 404 for an unknown one."""
+    name = params.get("target", "")
+    if not name:
+        return HTTPStatus.BAD_REQUEST, b"give the target to probe: /probe?target=NAME\n"
+    body = snapshot.render_target(name)
+    if body is None:
+        return HTTPStatus.NOT_FOUND, f"unknown target {name!r}: not in this exporter's configuration\n".encode()
+    return HTTPStatus.OK, body
+
+
 @dataclass
 class Response:
     """What a route returns."""
@@ -209,13 +220,7 @@ class MetricsServer:
 
     def probe_configured(self, params: Mapping[str, str]) -> tuple[HTTPStatus, bytes]:
         """/probe without dynamic targets: one registered target's series, from the snapshot."""
-        name = params.get("target", "")
-        if not name:
-            return HTTPStatus.BAD_REQUEST, b"give the target to probe: /probe?target=NAME\n"
-        body = self.snapshot.render_target(name)
-        if body is None:
-            return HTTPStatus.NOT_FOUND, f"unknown target {name!r}: not in this exporter's configuration\n".encode()
-        return HTTPStatus.OK, body
+        return probe_snapshot(self.snapshot, params)
 
     # -- lifecycle -----------------------------------------------------------------------------
 

@@ -57,6 +57,7 @@ class Snapshot:
         self._targets: dict[str, _TargetRecord] = {}
         self._data_body: bytes | None = None
         self._target_bodies: dict[str, bytes] = {}  # target -> its collected lines, for /probe
+        self._shard = (0, 1, 0)  # index, count, configured targets polled here
         self._order = tuple(catalog.metrics())
         self._self_order = tuple(catalog.self_metrics)
 
@@ -72,6 +73,11 @@ class Snapshot:
             for key in [k for k in self._results if k[0] == name]:
                 del self._results[key]
             self._invalidate_locked(name)
+
+    def set_shard(self, index: int, count: int, targets: int) -> None:
+        """Which shard this process is and how many configured targets it polls (pgvitals_shard_targets)."""
+        with self._lock:
+            self._shard = (index, count, targets)
 
     def has_target(self, name: str) -> bool:
         """Whether ``name`` is a registered target."""
@@ -209,7 +215,7 @@ class Snapshot:
                             by_metric[name].append(lines)
                 self._data_body = assemble(self._order, by_metric)
             data = self._data_body
-            own = self._render_self(now, self._targets.values())
+            own = self._render_self(now, self._targets.values(), whole=True)
         return data + own
 
     def render_target(self, target: str, now: float | None = None) -> bytes | None:
@@ -228,11 +234,12 @@ class Snapshot:
                             for name, lines in chunks.items():
                                 by_metric[name].append(lines)
                 data = self._target_bodies[target] = assemble(self._order, by_metric)
-            own = self._render_self(now, (record,))
+            own = self._render_self(now, (record,), whole=False)
         return data + own
 
-    def _render_self(self, now: float, targets: Iterable[_TargetRecord]) -> bytes:
-        """The self-metrics from the status records; called under the lock, so every record is consistent."""
+    def _render_self(self, now: float, targets: Iterable[_TargetRecord], whole: bool) -> bytes:
+        """The self-metrics of ``targets`` (and, when ``whole``, of the process); called under the lock, so every
+        record is consistent."""
         lines: dict[str, list[bytes]] = defaultdict(list)
 
         def add(spec: MetricSpec, prefix: str, values: tuple[str, ...], value: float | int) -> None:
@@ -241,6 +248,9 @@ class Snapshot:
             lines[spec.name].append(f"{spec.name}{{{labels}}} {format_value(value)}\n".encode())
 
         add(catalog.BUILD_INFO, "", (self._version,), 1)
+        if whole:
+            index, count, polled = self._shard
+            add(catalog.SHARD_TARGETS, "", (str(index), str(count)), polled)
         for target in targets:
             prefix = target.prefix
             if target.up is not None:  # before the first probe we know nothing: no series rather than a false 0
