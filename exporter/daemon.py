@@ -92,28 +92,27 @@ class Daemon:
     # -- readiness -----------------------------------------------------------------------------
 
     def ready(self) -> tuple[bool, str]:
-        """Ready once every target has completed one collection of each collector that applies."""
-        if self._ready_latched:
-            return True, "ready"
-        pending = []
+        """Ready once every target's first collection has finished, or failed (the target could not be reached).
+
+        An unreachable target does not hold readiness back: it is reported (pg_up 0), and a replica kept unready
+        by one dead server would stall a StatefulSet's rolling update. Once ready, always ready.
+        """
+        pending, unreachable = [], []
         for runtime in self.engine.targets.values():
             if runtime.up is None:
                 pending.append(f"{runtime.name}: not probed yet")
-                continue
-            if not runtime.up:
-                pending.append(f"{runtime.name}: not reachable ({runtime.dsn_text})")
-                continue
-            waiting = [
+            elif not runtime.up:
+                unreachable.append(f"{runtime.name}: not reachable ({runtime.dsn_text})")
+            elif not self._ready_latched and (waiting := [
                 eff.collector.name for eff in self.engine.applicable(runtime)
                 if (status := self.snapshot.status(runtime.name, eff.collector.name)) is None
                 or (status.runs == 0 and not status.skipped)
-            ]
-            if waiting:
+            ]):
                 pending.append(f"{runtime.name}: first collection running ({', '.join(waiting[:5])}...)")
-        if pending:
-            return False, "not ready: " + "; ".join(pending)
+        if pending and not self._ready_latched:
+            return False, "not ready: " + "; ".join(pending + unreachable)
         self._ready_latched = True
-        return True, "ready"
+        return True, "; ".join(["ready", *unreachable])
 
     # -- /probe -------------------------------------------------------------------------------
 
