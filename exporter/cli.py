@@ -1,4 +1,4 @@
-"""Command line: run | once | check | demo | docs | dashboards | alerts."""
+"""Command line: run | once | check | demo | docs | dashboards | alerts | kubernetes."""
 
 from __future__ import annotations
 
@@ -257,6 +257,18 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kubernetes(args: argparse.Namespace) -> int:
+    """Write the generated Kubernetes manifests (PrometheusRule, dashboard ConfigMaps)."""
+    from exporter.kubernetes import generated_files
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in generated_files(_alerts_settings(args)).items():
+        (out / name).write_text(text, encoding="utf-8")
+        print(f"wrote {out / name}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every command."""
     parser = argparse.ArgumentParser(prog="pgvitals", description=__doc__ and "PostgreSQL exporter for Prometheus")
@@ -313,6 +325,13 @@ def build_parser() -> argparse.ArgumentParser:
     alerts.add_argument("--out", default="alerts")
     alerts.add_argument("-c", "--config", help="YAML configuration file whose `alerts:` section to use")
     alerts.set_defaults(func=cmd_alerts)
+    kubernetes = sub.add_parser("kubernetes", help="generate the Kubernetes PrometheusRule and dashboard ConfigMaps",
+                                description="Write deploy/kubernetes/'s generated manifests: the rule file as a "
+                                "PrometheusRule and the dashboards as ConfigMaps for Grafana's sidecar; thresholds "
+                                "from the `alerts:` section of --config, defaults without it.")
+    kubernetes.add_argument("--out", default="deploy/kubernetes")
+    kubernetes.add_argument("-c", "--config", help="YAML configuration file whose `alerts:` section to use")
+    kubernetes.set_defaults(func=cmd_kubernetes)
     return parser
 
 
