@@ -17,7 +17,7 @@ from apscheduler.schedulers import SchedulerNotRunningError
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from exporter import __version__, catalog, shards
-from exporter.config import Settings
+from exporter.config import PgBouncerConfig, Settings, TargetConfig
 from exporter.engine import Engine, Probe, TargetRuntime
 from exporter.planner import Effective
 from exporter.server import MetricsServer, probe_snapshot
@@ -28,7 +28,11 @@ log = logging.getLogger("pgvitals.daemon")
 
 
 class Daemon:
-    """Runs every collector of every target on its own interval and serves the snapshot."""
+    """Runs every collector of every target on its own interval and serves the snapshot.
+
+    The daemon owns the set of targets: add_target() and remove_target() change it at run time (a
+    reload, or targets discovered by Prometheus), from any thread.
+    """
 
     def __init__(self, settings: Settings, web: WebConfig | None = None):
         self.settings = settings
@@ -45,6 +49,7 @@ class Daemon:
         self.server: MetricsServer | None = None
         self._ready_latched = False
         self._stopped = threading.Event()
+        self._targets_lock = threading.RLock()  # one change of the target set at a time
 
     # -- scheduling ----------------------------------------------------------------------------
 
@@ -52,28 +57,77 @@ class Daemon:
         return f"collect:{runtime.name}:{eff.collector.name}"
 
     def _schedule(self) -> None:
-        now = datetime.now().astimezone()
         for runtime in self.engine.targets.values():
-            # An interval job (not a chain of one-shot jobs): APScheduler removes a finished one-shot
-            # job by id, which could race with the next one being added under the same id.
-            self.scheduler.add_job(
-                self._probe, "interval", seconds=self.settings.probe_interval, args=(runtime,),
-                id=f"probe:{runtime.name}", next_run_time=now, misfire_grace_time=None,
-            )
-            for eff in self.engine.applicable(runtime):
-                # First run is triggered when the probe sees the target up; until then far in the future.
-                self.scheduler.add_job(
-                    self.engine.collect, "interval", seconds=eff.interval, args=(runtime, eff),
-                    id=self._collector_job_id(runtime, eff), jitter=min(eff.interval * 0.1, 5.0),
-                    next_run_time=now + timedelta(days=3650), misfire_grace_time=max(1, int(eff.interval)),
-                )
+            self._schedule_target(runtime)
+
+    def _schedule_target(self, runtime: TargetRuntime) -> None:
+        """Add the probe job of a target (first run now) and its collector jobs (first run once it is up)."""
+        # An interval job (not a chain of one-shot jobs): APScheduler removes a finished one-shot
+        # job by id, which could race with the next one being added under the same id.
+        self.scheduler.add_job(
+            self._probe, "interval", seconds=self.settings.probe_interval, args=(runtime,),
+            id=f"probe:{runtime.name}", next_run_time=datetime.now().astimezone(), misfire_grace_time=None,
+        )
+        for eff in self.engine.applicable(runtime):
+            self._schedule_collector(runtime, eff)
+
+    def _schedule_collector(self, runtime: TargetRuntime, eff: Effective) -> None:
+        """Add a collector job; it first runs when the probe sees the target up, so until then far in the future."""
+        first = datetime.now().astimezone() + timedelta(days=3650)
+        if runtime.up:
+            first = datetime.now().astimezone() + timedelta(seconds=random.uniform(0, 1.0))
+        self.scheduler.add_job(
+            self.engine.collect, "interval", seconds=eff.interval, args=(runtime, eff),
+            id=self._collector_job_id(runtime, eff), jitter=min(eff.interval * 0.1, 5.0),
+            next_run_time=first, misfire_grace_time=max(1, int(eff.interval)),
+        )
+
+    def _unschedule(self, runtime: TargetRuntime, collector: str | None = None) -> None:
+        """Remove the jobs of a target (every one, or those of one collector)."""
+        for job in self.scheduler.get_jobs():
+            if job.args and job.args[0] is runtime and (
+                    collector is None or (len(job.args) > 1 and job.args[1].collector.name == collector)):
+                with suppress(JobLookupError):  # it ended meanwhile
+                    job.remove()
+
+    # -- the target set --------------------------------------------------------------------------
+
+    def add_target(self, spec: TargetConfig | PgBouncerConfig) -> None:
+        """Start monitoring ``spec``: it is probed at once and collected on its own schedules once up.
+
+        Raises ValueError when a target of that name exists (remove it first to change it).
+        """
+        with self._targets_lock:
+            if spec.name in self.engine.targets:
+                raise ValueError(f"a target named {spec.name!r} exists already")
+            runtime = self.engine.add_target(spec)
+            self._schedule_target(runtime)
+        log.info("target %s added (%s)", spec.name, runtime.dsn_text)
+
+    def remove_target(self, name: str) -> bool:
+        """Stop monitoring target ``name``: its jobs end, its connections close, its series leave the snapshot.
+
+        Blocks until a probe or run in progress on it is over (bounded by its timeouts). False if unknown.
+        """
+        with self._targets_lock:
+            runtime = self.engine.targets.get(name)
+            if runtime is None:
+                return False
+            self._unschedule(runtime)
+            self.engine.remove_target(name)
+        log.info("target %s removed", name)
+        return True
+
+    def target_names(self) -> list[str]:
+        """The names of the targets monitored now."""
+        return list(self.engine.targets)
 
     def _probe(self, runtime: TargetRuntime) -> None:
         try:
             if self.engine.probe(runtime) is Probe.CAME_UP:
                 self._target_up(runtime)
         finally:
-            if not runtime.up and not self._stopped.is_set():
+            if not runtime.up and not runtime.retired and not self._stopped.is_set():
                 # Down: retry on the backoff schedule instead of the probe interval.
                 delay = self.engine.backoff(runtime)
                 with suppress(JobLookupError, SchedulerNotRunningError):  # the daemon is stopping
@@ -83,6 +137,8 @@ class Daemon:
 
     def _target_up(self, runtime: TargetRuntime) -> None:
         """A target came up (first time or after an outage): collect everything soon, spread over a second."""
+        if runtime.retired:
+            return  # removed meanwhile; a target of the same name may own these job ids now
         now = datetime.now().astimezone()
         for eff in self.engine.applicable(runtime):
             with suppress(JobLookupError, SchedulerNotRunningError):  # the daemon is stopping

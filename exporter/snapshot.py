@@ -67,12 +67,20 @@ class Snapshot:
             self._targets[name] = _TargetRecord(prefix=prefix, is_pgbouncer=is_pgbouncer)
 
     def remove_target(self, name: str) -> None:
-        """Forget a target: its lines and every self-metric about it."""
+        """Forget a target: its data and self-metrics leave the exposition at once."""
         with self._lock:
             self._targets.pop(name, None)
             for key in [k for k in self._results if k[0] == name]:
                 del self._results[key]
             self._invalidate_locked(name)
+
+    def forget_collector(self, target: str, collector: str) -> None:
+        """Forget one collector on a target (its settings changed): data and status go until its next run."""
+        with self._lock:
+            record = self._targets.get(target)
+            if record is not None:
+                record.collectors.pop(collector, None)
+            self._drop_locked(target, collector)
 
     def set_shard(self, index: int, count: int, targets: int) -> None:
         """Which shard this process is and how many configured targets it polls (pgvitals_shard_targets)."""
@@ -87,7 +95,8 @@ class Snapshot:
     def status(self, target: str, collector: str) -> CollectorStatus | None:
         """The status of a collector on a target (immutable); None before its first run or skip."""
         with self._lock:
-            return self._targets[target].collectors.get(collector)
+            record = self._targets.get(target)
+            return None if record is None else record.collectors.get(collector)
 
     def record_skip(self, target: str, collector: str, reason: str, counts_as_run: bool = False,
                     duration: float = 0.0) -> str | None:
@@ -96,7 +105,7 @@ class Snapshot:
         ``counts_as_run`` when the collector ran and found it does not apply (e.g. no database has the extension).
         """
         with self._lock:
-            statuses = self._targets[target].collectors
+            statuses = self._record_locked(target).collectors
             old = statuses.get(collector) or CollectorStatus()
             statuses[collector] = dataclasses.replace(
                 old, skipped=reason, runs=old.runs + 1 if counts_as_run else old.runs,
@@ -108,7 +117,7 @@ class Snapshot:
     def record_denied(self, target: str, collector: str, objects: frozenset[str]) -> bool:
         """The collector may not use ``objects``: skip it and serve the denial; True when that is news."""
         with self._lock:
-            statuses = self._targets[target].collectors
+            statuses = self._record_locked(target).collectors
             old = statuses.get(collector) or CollectorStatus()
             statuses[collector] = dataclasses.replace(old, skipped="denied", denied=objects)
             self._drop_locked(target, collector)
@@ -119,7 +128,7 @@ class Snapshot:
         """Which visited databases refused us (and why); returns the changes: a new reason, or None if recovered."""
         changes: dict[str, str | None] = {}
         with self._lock:
-            known = self._targets[target].unavailable
+            known = self._record_locked(target).unavailable
             for dbname in visited:
                 now = unavailable.get(dbname)
                 if known.get(dbname) != now:
@@ -134,7 +143,7 @@ class Snapshot:
         """Stop reporting refusals of databases no longer selected (dropped, or the role lost CONNECT)."""
         selected = set(keep)
         with self._lock:
-            known = self._targets[target].unavailable
+            known = self._record_locked(target).unavailable
             for dbname in [d for d in known if d not in selected]:
                 del known[dbname]
 
@@ -152,7 +161,7 @@ class Snapshot:
         failed = list(failures)
         served = bool(results) or not failed
         with self._lock:
-            statuses = self._targets[target].collectors
+            statuses = self._record_locked(target).collectors
             old = statuses.get(collector) or CollectorStatus()
             errors = dict(old.errors)
             for reason in [*failed, *unavailable]:
@@ -163,7 +172,7 @@ class Snapshot:
                 success=not failed, series=series, last_success=old.last_success if failed else finished,
                 data_time=finished if served else None,
             )
-            if results:
+            if results and target in self._targets:
                 self._results[(target, collector)] = results
                 self._invalidate_locked(target)
             else:
@@ -173,14 +182,14 @@ class Snapshot:
         """Record the outcome of the last connection attempt (``reason``: why it failed); a down target serves
         no stale data."""
         with self._lock:
-            self._targets[target].up = up
-            self._targets[target].down_reason = None if up else reason
+            record = self._record_locked(target)
+            record.up = up
+            record.down_reason = None if up else reason
             if not up:
-                self._targets[target].unavailable.clear()  # unknown until the server answers again
-            if not up:
+                record.unavailable.clear()  # unknown until the server answers again
                 for key in [k for k in self._results if k[0] == target]:
                     del self._results[key]
-                statuses = self._targets[target].collectors
+                statuses = record.collectors
                 for name, status in statuses.items():
                     statuses[name] = dataclasses.replace(status, data_time=None)
                 self._invalidate_locked(target)
@@ -188,11 +197,15 @@ class Snapshot:
     def replace(self, target: str, collector: str, per_database: dict[str, dict[str, bytes]]) -> None:
         """Swap in the lines of one collector run (all of its databases at once), status untouched."""
         with self._lock:
-            if per_database:
+            if per_database and target in self._targets:
                 self._results[(target, collector)] = per_database
             else:
                 self._results.pop((target, collector), None)
             self._invalidate_locked(target)
+
+    def _record_locked(self, target: str) -> _TargetRecord:
+        """The record of ``target``; a detached one for a target removed meanwhile (a late write goes nowhere)."""
+        return self._targets.get(target) or _TargetRecord(prefix="")
 
     def _drop_locked(self, target: str, collector: str) -> None:
         if self._results.pop((target, collector), None) is not None:
