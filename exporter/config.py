@@ -13,7 +13,7 @@ from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 import yaml
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -408,6 +408,46 @@ class AlertsConfig(_Strict):
                          "(each rule links to <base>/runbooks.md#<alert>)")
 
 
+#: DSN keywords a probed target or an auth module's own fields give: not accepted among an auth module's options.
+AUTH_MODULE_OWN_KEYWORDS = frozenset({"host", "hostaddr", "port", "dbname", "user", "password", "passfile",
+                                      "sslmode"})
+SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+class AuthModule(_Strict):
+    """How to log in to a server Prometheus names in ``/probe?target=HOST:PORT/DB&auth_module=NAME``."""
+
+    user: str = Field(min_length=1)
+    password_file: Path | None = None
+    password_env: str | None = None
+    sslmode: str = "prefer"
+    options: dict[str, str] = Field(default_factory=dict)  # more libpq keywords (sslrootcert, options, ...)
+    # Shell globs of the HOST:PORT/DB a probe may name (the credentials go to whatever host is named).
+    allowed_targets: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
+    max_connections: int = Field(default=2, ge=1, le=20)
+    labels: ConstLabels = Field(default_factory=dict)
+
+    @field_validator("sslmode")
+    @classmethod
+    def _sslmode(cls, value: str) -> str:
+        if value not in SSLMODES:
+            raise ValueError(f"expected one of {', '.join(SSLMODES)}")
+        return value
+
+    @field_validator("options")
+    @classmethod
+    def _options(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if key in AUTH_MODULE_OWN_KEYWORDS:
+                raise ValueError(f"{key!r} is not an option here: the probed target gives host, port and dbname, "
+                                 "the auth module user, password_file/password_env and sslmode")
+        try:
+            conninfo_to_dict(make_conninfo(**value))  # libpq rejects an unknown keyword
+        except Exception:
+            raise ValueError("not valid libpq connection keywords") from None
+        return value
+
+
 class ShardConfig(_Strict):
     """Which share of the configured targets this process polls (exporter/shards.py)."""
 
@@ -441,6 +481,9 @@ class Settings(_Strict):
     log: LogConfig = Field(default_factory=LogConfig)
     web_config_file: Path | None = None  # exporter-toolkit web config: TLS, basic auth (exporter/webconfig.py)
     shard: ShardConfig | None = None  # None: this process polls every configured target
+    auth_modules: dict[Name, AuthModule] = Field(default_factory=dict)  # for /probe of unconfigured targets
+    dynamic_target_ttl: Duration = 600.0  # a target registered by /probe is dropped this long after its last probe
+    max_dynamic_targets: int = Field(default=100, ge=0, le=10_000)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
 
     @field_validator("collectors", mode="before")
@@ -652,8 +695,8 @@ def _semantic_problems(data: Mapping[str, Any], environ: Mapping[str, str]) -> l
     from exporter import catalog as catalog_module
 
     problems: list[Problem] = []
-    if not data.get("targets") and not data.get("pgbouncers"):
-        problems.append((("targets",), "at least one target (or pgbouncer) is needed"))
+    if not data.get("targets") and not data.get("pgbouncers") and not data.get("auth_modules"):
+        problems.append((("targets",), "at least one target (or pgbouncer, or auth module for /probe) is needed"))
     for section in ("targets", "pgbouncers", "pools"):
         items = data.get(section)
         if not isinstance(items, list):
@@ -671,6 +714,11 @@ def _semantic_problems(data: Mapping[str, Any], environ: Mapping[str, str]) -> l
                 problems.extend(_secret_problems((section, index), item, environ))
             elif not any(item.get(k) for k in ("application_name", "usename", "client_addr")):
                 problems.append(((section, index), "give application_name, usename or client_addr to match sessions"))
+    modules = data.get("auth_modules")
+    if isinstance(modules, dict):
+        for module_name, module in modules.items():
+            if isinstance(module, dict):
+                problems.extend(_secret_problems(("auth_modules", module_name), module, environ))
     collectors = data.get("collectors")
     if isinstance(collectors, dict):
         known = catalog_module.load().by_name

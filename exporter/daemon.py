@@ -6,6 +6,7 @@ import logging
 import random
 import signal
 import threading
+import time
 from collections.abc import Mapping
 from contextlib import suppress
 from datetime import datetime, timedelta
@@ -17,6 +18,7 @@ from apscheduler.schedulers import SchedulerNotRunningError
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from exporter import __version__, catalog, shards
+from exporter import dynamic as dynamic_targets
 from exporter.config import PgBouncerConfig, Settings, TargetConfig
 from exporter.engine import Engine, Probe, TargetRuntime
 from exporter.planner import Effective
@@ -40,7 +42,9 @@ class Daemon:
         self.catalog = catalog.load()
         self.snapshot = Snapshot(self.catalog, __version__)
         self.engine = Engine(self.catalog, settings, self.snapshot)
-        workers = settings.workers or min(64, 4 + 2 * len(self.engine.targets))
+        # Room for the targets /probe may register, when an auth module lets it.
+        dynamic = settings.max_dynamic_targets if settings.auth_modules else 0
+        workers = settings.workers or min(64, 4 + 2 * (len(self.engine.targets) + dynamic))
         self.scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(max_workers=workers)},
             job_defaults={"coalesce": True, "max_instances": 1},
@@ -50,6 +54,7 @@ class Daemon:
         self._ready_latched = False
         self._stopped = threading.Event()
         self._targets_lock = threading.RLock()  # one change of the target set at a time
+        self.dynamic = dynamic_targets.Registry(settings.max_dynamic_targets, settings.dynamic_target_ttl)
 
     # -- scheduling ----------------------------------------------------------------------------
 
@@ -155,6 +160,8 @@ class Daemon:
         """
         pending, unreachable = [], []
         for runtime in self.engine.targets.values():
+            if runtime.name in self.dynamic:
+                continue  # readiness is about the configured targets
             if runtime.up is None:
                 pending.append(f"{runtime.name}: not probed yet")
             elif not runtime.up:
@@ -173,7 +180,10 @@ class Daemon:
     # -- /probe -------------------------------------------------------------------------------
 
     def probe(self, params: Mapping[str, str]) -> tuple[HTTPStatus, bytes]:
-        """/probe?target=NAME: a configured target's series, or why this process has none."""
+        """/probe?target=NAME: a configured target's series, or why this process has none;
+        /probe?target=HOST:PORT/DB&auth_module=NAME: a target Prometheus discovered, polled while it is probed."""
+        if "auth_module" in params:
+            return self._probe_dynamic(params.get("target", ""), params["auth_module"])
         status, body = probe_snapshot(self.snapshot, params)
         name = params.get("target", "")
         if status is not HTTPStatus.NOT_FOUND:
@@ -183,7 +193,58 @@ class Daemon:
         if shard is not None and name in configured:
             return HTTPStatus.NOT_FOUND, (f"target {name!r} is polled by shard {shards.owner(name, shard.count)} of "
                                           f"{shard.count}, not by this one ({shard.index})\n").encode()
+        if self.settings.auth_modules:
+            body = body.rstrip(b"\n") + b" (add &auth_module=NAME to probe a server that is not)\n"
         return status, body
+
+    def _probe_dynamic(self, target: str, module_name: str) -> tuple[HTTPStatus, bytes]:
+        """Register the target at its first probe (answering once its first connection attempt ended, within a
+        bound), then serve what is known; each probe keeps it for another dynamic_target_ttl."""
+        module = self.settings.auth_modules.get(module_name)
+        if module is None:
+            known = ", ".join(sorted(self.settings.auth_modules)) or "none configured"
+            return HTTPStatus.BAD_REQUEST, f"unknown auth_module {module_name!r} (auth_modules: {known})\n".encode()
+        try:
+            address = dynamic_targets.parse_target(target)
+        except ValueError as exc:
+            return HTTPStatus.BAD_REQUEST, f"{exc}\n".encode()
+        if not dynamic_targets.allowed(address, module):
+            return HTTPStatus.FORBIDDEN, (f"target {address.name!r} is not in auth_modules.{module_name}"
+                                          ".allowed_targets\n").encode()
+        name = address.name
+        registered_with = self.dynamic.touch(name, module_name)
+        if registered_with is not None and registered_with != module_name:
+            return HTTPStatus.BAD_REQUEST, (f"target {name!r} is probed with auth_module {registered_with!r} "
+                                            f"already\n").encode()
+        if registered_with is None:
+            if not self.dynamic.claim(name, module_name):
+                return HTTPStatus.TOO_MANY_REQUESTS, (f"max_dynamic_targets ({self.dynamic.limit}) reached: "
+                                                      f"{name!r} is not polled\n").encode()
+            self.snapshot.unlist(name)  # served by /probe only: /metrics stays what is configured
+            try:
+                self.add_target(dynamic_targets.target_config(address, module))
+            except ValueError:  # still being removed after its TTL ran out
+                self.dynamic.release(name)
+                return HTTPStatus.SERVICE_UNAVAILABLE, f"target {name!r} is being dropped; probe again\n".encode()
+            log.info("target %s registered by /probe (auth_module %s)", name, module_name)
+            self._await_first_attempt(name)
+        body = self.snapshot.render_target(name)
+        return (HTTPStatus.OK, body) if body is not None else (HTTPStatus.SERVICE_UNAVAILABLE, b"being dropped\n")
+
+    def _await_first_attempt(self, name: str) -> None:
+        """Wait, at most a connect timeout and a second, for the first connection attempt of a new target."""
+        deadline = time.monotonic() + self.settings.connect_timeout + 1.0
+        while time.monotonic() < deadline:
+            runtime = self.engine.targets.get(name)
+            if runtime is None or runtime.up is not None:
+                return
+            time.sleep(0.02)
+
+    def _drop_expired(self) -> None:
+        """Remove the dynamic targets nobody probed for dynamic_target_ttl, with their connections."""
+        for name in self.dynamic.expired():
+            self.remove_target(name)
+            log.info("target %s dropped: not probed for %gs", name, self.settings.dynamic_target_ttl)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -193,6 +254,9 @@ class Daemon:
                                     web=self.web, probe=self.probe)
         self.server.start()
         self._schedule()
+        if self.settings.auth_modules:
+            every = min(max(self.settings.dynamic_target_ttl / 4, 0.5), 30.0)
+            self.scheduler.add_job(self._drop_expired, "interval", seconds=every, id="dynamic-expiry")
         self.scheduler.start()
         log.info("pgvitals %s serving %s://%s:%d/metrics for %d target(s)", __version__, self.server.scheme,
                  self.settings.listen_host, self.server.port, len(self.engine.targets))

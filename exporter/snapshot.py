@@ -58,6 +58,7 @@ class Snapshot:
         self._data_body: bytes | None = None
         self._target_bodies: dict[str, bytes] = {}  # target -> its collected lines, for /probe
         self._shard = (0, 1, 0)  # index, count, configured targets polled here
+        self._unlisted: set[str] = set()  # targets served by /probe only (registered by a probe, not configured)
         self._order = tuple(catalog.metrics())
         self._self_order = tuple(catalog.self_metrics)
 
@@ -70,6 +71,7 @@ class Snapshot:
         """Forget a target: its data and self-metrics leave the exposition at once."""
         with self._lock:
             self._targets.pop(name, None)
+            self._unlisted.discard(name)
             for key in [k for k in self._results if k[0] == name]:
                 del self._results[key]
             self._invalidate_locked(name)
@@ -81,6 +83,12 @@ class Snapshot:
             if record is not None:
                 record.collectors.pop(collector, None)
             self._drop_locked(target, collector)
+
+    def unlist(self, name: str) -> None:
+        """Serve target ``name`` through /probe only, never in the whole exposition (call before adding it)."""
+        with self._lock:
+            self._unlisted.add(name)
+            self._data_body = None
 
     def set_shard(self, index: int, count: int, targets: int) -> None:
         """Which shard this process is and how many configured targets it polls (pgvitals_shard_targets)."""
@@ -213,7 +221,8 @@ class Snapshot:
 
     def _invalidate_locked(self, target: str) -> None:
         """Forget the cached bodies that hold ``target``'s lines (rebuilt at the next scrape)."""
-        self._data_body = None
+        if target not in self._unlisted:
+            self._data_body = None
         self._target_bodies.pop(target, None)
 
     def render(self, now: float | None = None) -> bytes:
@@ -222,13 +231,16 @@ class Snapshot:
         with self._lock:
             if self._data_body is None:
                 by_metric: dict[str, list[bytes]] = defaultdict(list)
-                for per_database in self._results.values():
+                for (target, _collector), per_database in self._results.items():
+                    if target in self._unlisted:
+                        continue
                     for chunks in per_database.values():
                         for name, lines in chunks.items():
                             by_metric[name].append(lines)
                 self._data_body = assemble(self._order, by_metric)
             data = self._data_body
-            own = self._render_self(now, self._targets.values(), whole=True)
+            listed = (record for name, record in self._targets.items() if name not in self._unlisted)
+            own = self._render_self(now, listed, whole=True)
         return data + own
 
     def render_target(self, target: str, now: float | None = None) -> bytes | None:

@@ -9,12 +9,14 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import yaml
 
 from exporter import catalog, shards
+from exporter.config import load_settings
 from exporter.localpg import free_port, wait_until
-from tests.conftest import Metrics, Server, http_status, scrape
+from tests.conftest import MONITOR_PASSWORD, MONITOR_ROLE, Metrics, Server, http_status, running_exporter, scrape
 
 ROOT = Path(__file__).parent.parent
 
@@ -95,3 +97,77 @@ def _up_targets(port: int, expected: set[str]) -> set[str] | None:
     seen = {labels["target"] for (_name, pairs) in metrics.samples for labels in [dict(pairs)] if "target" in labels}
     assert seen <= expected, f"a process polls targets of another shard: {seen - expected}"
     return up if up == ran == expected else None
+
+
+def dynamic_settings(pg: Server, tmp_path: Path, **extra: Any) -> dict[str, Any]:
+    """An exporter configured with nothing but an auth module (the monitor role, its password in a file)."""
+    password = tmp_path / "password"
+    password.write_text(MONITOR_PASSWORD, encoding="utf-8")
+    return {"listen": "127.0.0.1:0", "connect_timeout": 1, "application_name": "pgvitals_dynamic",
+            "auth_modules": {"monitor": {"user": MONITOR_ROLE, "password_file": str(password), "sslmode": "disable"}},
+            **extra}
+
+
+def probe(port: int, target: str, auth_module: str = "monitor") -> tuple[int, str]:
+    return http_status(port, f"/probe?{urlencode({'target': target, 'auth_module': auth_module})}")
+
+
+def exporter_connections(pg: Server) -> int:
+    rows = pg.execute("SELECT count(*) AS n FROM pg_catalog.pg_stat_activity "
+                      "WHERE application_name = 'pgvitals_dynamic'")
+    return int(rows[0]["n"])
+
+
+def last_success(port: int, target: str) -> float | None:
+    """pg_stat_database's last success on ``target``, as /probe shows it (the probe keeps the target alive)."""
+    return Metrics(probe(port, target)[1]).value("pgvitals_collector_last_success_timestamp_seconds",
+                                                 target=target, collector="pg_stat_database")
+
+
+def test_a_dynamic_target_appears_on_its_first_probe_is_polled_and_goes_after_its_ttl(
+        pg: Server, tmp_path: Path) -> None:
+    quick = {"pg_stat_database": {"interval": "2s", "timeout": "1s"}}
+    settings = load_settings(raw=dynamic_settings(pg, tmp_path, dynamic_target_ttl="3s", collectors=quick), environ={})
+    target = f"127.0.0.1:{pg.cluster.port}/postgres"
+    with running_exporter(settings) as daemon:
+        port = daemon.server.port
+        # The first probe registers it and answers once the first connection attempt ended: pg_up is there.
+        status, body = probe(port, target)
+        assert status == 200, body
+        first = Metrics(body)
+        assert first.value("pg_up", target=target) == 1
+        # Polled on its collectors' schedules while probed: the last success moves on between probes.
+        seen = wait_until(lambda: last_success(port, target), timeout=30)
+        wait_until(lambda: (last_success(port, target) or 0) > seen, timeout=30)
+        polled = Metrics(probe(port, target)[1])
+        assert polled.find("pg_stat_database_numbackends", target=target, datname="postgres")
+        # /metrics stays what is configured: nothing of the probed target.
+        assert not [key for key in scrape(port).samples if ("target", target) in key[1]]
+        assert exporter_connections(pg) >= 1
+        # No probe for the TTL: dropped, with its connections.
+        wait_until(lambda: target not in daemon.engine.targets, timeout=30)
+        wait_until(lambda: exporter_connections(pg) == 0, timeout=30)
+        # A later probe registers it again.
+        status, body = probe(port, target)
+        assert status == 200 and Metrics(body).value("pg_up", target=target) == 1
+
+
+def test_dynamic_probe_errors(pg: Server, tmp_path: Path) -> None:
+    settings = load_settings(raw=dynamic_settings(pg, tmp_path, max_dynamic_targets=2), environ={})
+    with running_exporter(settings) as daemon:
+        port = daemon.server.port
+        status, body = probe(port, f"127.0.0.1:{pg.cluster.port}/postgres", auth_module="nope")
+        assert status == 400 and "unknown auth_module 'nope' (auth_modules: monitor)" in body
+        status, body = probe(port, "not a host")
+        assert status == 400 and "is not HOST:PORT/DB" in body
+        # A server that does not answer: the probe still answers within its bound, with pg_up 0.
+        dead = f"127.0.0.1:{free_port()}/postgres"
+        status, body = probe(port, dead)
+        assert status == 200 and Metrics(body).value("pg_up", target=dead) == 0
+        assert probe(port, f"localhost:{pg.cluster.port}/postgres")[0] == 200
+        status, body = probe(port, f"127.0.0.1:{pg.cluster.port}/postgres")
+        assert status == 429 and "max_dynamic_targets (2) reached" in body
+        assert probe(port, dead)[0] == 200  # a known one is still served
+        status, body = http_status(port, "/probe?target=nope")
+        assert status == 404 and "add &auth_module=NAME" in body
+        assert MONITOR_PASSWORD not in body
