@@ -119,14 +119,17 @@ class Prometheus:
 
 
 @contextmanager
-def running_prometheus(exporter_port: int, rules: str) -> Iterator[Prometheus]:
+def running_prometheus(exporter_port: int, rules: str,
+                       scrape_configs: Callable[[Path], list[dict[str, Any]]] | None = None) -> Iterator[Prometheus]:
+    """Prometheus scraping the exporter's /metrics, or what ``scrape_configs`` (given its directory) says."""
     base = Path(tempfile.mkdtemp(prefix="pgvitals-prometheus-"))
     (base / "pgvitals.rules.yml").write_text(rules)
     config = {
         "global": {"scrape_interval": f"{SCRAPE_INTERVAL:g}s", "evaluation_interval": "1s",
                    "scrape_timeout": "900ms"},
         "rule_files": [str(base / "pgvitals.rules.yml")],
-        "scrape_configs": [{"job_name": "pgvitals", "static_configs": [{"targets": [f"127.0.0.1:{exporter_port}"]}]}],
+        "scrape_configs": scrape_configs(base) if scrape_configs else [
+            {"job_name": "pgvitals", "static_configs": [{"targets": [f"127.0.0.1:{exporter_port}"]}]}],
     }
     (base / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
