@@ -28,6 +28,10 @@ from exporter.webconfig import WebConfig
 
 log = logging.getLogger("pgvitals.daemon")
 
+#: First /probe requests of new targets that may wait for the connection attempt at the same time (the HTTP
+#: server has 4 workers: at least 2 stay free for /metrics and the probes of known targets).
+FIRST_PROBE_WAITERS = 2
+
 
 class Daemon:
     """Runs every collector of every target on its own interval and serves the snapshot.
@@ -55,6 +59,8 @@ class Daemon:
         self._stopped = threading.Event()
         self._targets_lock = threading.RLock()  # one change of the target set at a time
         self.dynamic = dynamic_targets.Registry(settings.max_dynamic_targets, settings.dynamic_target_ttl)
+        # First probes that wait for a connection attempt hold an HTTP worker each: never all of them.
+        self._first_probe_waits = threading.BoundedSemaphore(FIRST_PROBE_WAITERS)
 
     # -- scheduling ----------------------------------------------------------------------------
 
@@ -232,13 +238,22 @@ class Daemon:
         return (HTTPStatus.OK, body) if body is not None else (HTTPStatus.SERVICE_UNAVAILABLE, b"being dropped\n")
 
     def _await_first_attempt(self, name: str) -> None:
-        """Wait, at most a connect timeout and a second, for the first connection attempt of a new target."""
-        deadline = time.monotonic() + self.settings.connect_timeout + 1.0
-        while time.monotonic() < deadline:
-            runtime = self.engine.targets.get(name)
-            if runtime is None or runtime.up is not None:
-                return
-            time.sleep(0.02)
+        """Wait, at most a connect timeout and a second, for the first connection attempt of a new target.
+
+        Only FIRST_PROBE_WAITERS probes wait at once: when Prometheus discovers many servers together, the others
+        answer at once with what is known (no pg_up yet), and /metrics is never queued behind them.
+        """
+        if not self._first_probe_waits.acquire(blocking=False):
+            return
+        try:
+            deadline = time.monotonic() + self.settings.connect_timeout + 1.0
+            while time.monotonic() < deadline:
+                runtime = self.engine.targets.get(name)
+                if runtime is None or runtime.up is not None:
+                    return
+                time.sleep(0.02)
+        finally:
+            self._first_probe_waits.release()
 
     def _drop_expired(self) -> None:
         """Remove the dynamic targets nobody probed for dynamic_target_ttl, with their connections."""

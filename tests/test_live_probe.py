@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -15,6 +17,7 @@ import yaml
 
 from exporter import catalog, shards
 from exporter.config import load_settings
+from exporter.daemon import FIRST_PROBE_WAITERS
 from exporter.localpg import free_port, wait_until
 from tests.conftest import MONITOR_PASSWORD, MONITOR_ROLE, Metrics, Server, http_status, running_exporter, scrape
 
@@ -171,3 +174,21 @@ def test_dynamic_probe_errors(pg: Server, tmp_path: Path) -> None:
         status, body = http_status(port, "/probe?target=nope")
         assert status == 404 and "add &auth_module=NAME" in body
         assert MONITOR_PASSWORD not in body
+
+
+def test_only_a_few_first_probes_wait_for_their_connection_attempt(pg: Server, tmp_path: Path) -> None:
+    """Many servers discovered at once, none answering: the HTTP workers are not all held by waiting probes."""
+    with socket.create_server(("127.0.0.1", 0), backlog=64) as silent:  # accepts TCP, never says a word
+        targets = [f"127.0.0.1:{silent.getsockname()[1]}/db{n}" for n in range(6)]
+        settings = load_settings(raw=dynamic_settings(pg, tmp_path, connect_timeout=2), environ={})
+        with running_exporter(settings) as daemon:
+            port = daemon.server.port
+            with ThreadPoolExecutor(len(targets)) as pool:
+                answers = list(pool.map(lambda target: probe(port, target), targets))
+            assert [status for status, _ in answers] == [200] * len(targets)
+            waited = [target for target, (_, body) in zip(targets, answers, strict=True)
+                      if Metrics(body).value("pg_up", target=target) is not None]
+            assert len(waited) <= FIRST_PROBE_WAITERS
+            # Every one is registered and polled all the same: later probes show each down.
+            wait_until(lambda: all(Metrics(probe(port, target)[1]).value("pg_up", target=target) == 0
+                                   for target in targets), timeout=60)
