@@ -34,10 +34,11 @@ from exporter.alerts import render_rules
 from exporter.catalog import load
 from exporter.dashboards import build_dashboards
 from exporter.localpg import free_port, wait_until
-from tests.conftest import Server, running_exporter, settings_for, start_server
-from tests.pgbouncer import PgBouncer, pgbouncer_available, start_pgbouncer
-from tests.standby import Standby, drop_slot, start_standby
+from tests.support.exporters import running_exporter
+from tests.support.pgbouncer import PgBouncer, pgbouncer_available, start_pgbouncer
 from tests.support.promql_check import expand_variables
+from tests.support.servers import Server, settings_for, start_server
+from tests.support.standby import Standby, drop_slot, start_standby
 
 pytestmark = [pytest.mark.live, pytest.mark.slow]
 
