@@ -34,7 +34,7 @@ class Sessions:
         """Run ``sql`` on session ``name`` in a thread (it is expected to wait)."""
         def run() -> None:
             try:
-                self.conns[name].execute(sql)  # type: ignore[arg-type]
+                self.conns[name].execute(sql)
             except BaseException as exc:  # kept for the test to inspect
                 self.errors[name] = exc
 
