@@ -21,16 +21,9 @@ from exporter.collectors._helpers import gauge
 from exporter.engine import Engine
 from exporter.localpg import wait_until
 from exporter.snapshot import Snapshot
-from tests.conftest import (
-    MONITOR_ROLE,
-    Metrics,
-    Server,
-    running_exporter,
-    scrape,
-    settings_for,
-    start_server,
-    wait_for_metric,
-)
+from tests.support.exporters import running_exporter
+from tests.support.scrape import Metrics, scrape, wait_for_metric
+from tests.support.servers import MONITOR_ROLE, Server, settings_for, start_server
 
 pytestmark = [pytest.mark.live, pytest.mark.family("restricted")]
 
@@ -230,7 +223,7 @@ def test_too_many_connections_then_recovery() -> None:
 
 def test_a_role_without_pg_monitor_is_up_and_told_what_it_lacks(restricted: Server) -> None:
     """Azure once could not grant pg_monitor: the probe must not need it (shared_preload_libraries is unreadable)."""
-    from tests.conftest import Runner
+    from tests.support.exporters import Runner
 
     restricted.execute("DROP ROLE IF EXISTS bare")
     restricted.execute("CREATE ROLE bare LOGIN PASSWORD 'bare-pw'")
