@@ -59,6 +59,12 @@ class Snapshot:
         self._order = tuple(catalog.metrics())
         self._self_order = tuple(catalog.self_metrics)
 
+    def use_order(self, order: Iterable[MetricSpec]) -> None:
+        """Serve these metric families (the naming mode's, exporter/compat.py) in this order."""
+        with self._lock:
+            self._order = tuple(order)
+            self._data_body = None
+
     def add_target(self, name: str, prefix: str, is_pgbouncer: bool = False) -> None:
         """Register a target; its up series appears with the first probe."""
         with self._lock:
