@@ -113,6 +113,8 @@ POSTGRES_EXPORTER: tuple[CompatMetric, ...] = (
     _same("pg_database_size_bytes", "datname"),
     # collector/pg_replication.go
     _same("pg_replication_lag_seconds"),
+    _renamed("pg_replication_lag", "pg_replication_lag_seconds", "gauge", (),
+             note="name of the old queries.yaml the postgres_mixin alerts use"),
     _same("pg_replication_is_replica"),
     _renamed("pg_replication_last_replay_seconds", "pg_replication_last_xact_replay_age_seconds", "gauge", ()),
     # collector/pg_replication_slot.go
