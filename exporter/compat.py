@@ -78,6 +78,7 @@ _STAT_DATABASE_COUNTERS = ("xact_commit", "xact_rollback", "blks_read", "blks_hi
                            "temp_files", "temp_bytes", "deadlocks")
 
 POSTGRES_EXPORTER: tuple[CompatMetric, ...] = (
+    _same("pg_up", note="served in every naming (the exporter's own series, like pgvitals_*)"),
     # collector/pg_stat_database.go: no _total, times in milliseconds, datid next to datname
     _same("pg_stat_database_numbackends", "datname", note="without their datid label (same name: one series)"),
     *(_renamed(f"pg_stat_database_{column}", f"pg_stat_database_{column}_total", "counter", _DATABASE)
@@ -122,6 +123,8 @@ POSTGRES_EXPORTER: tuple[CompatMetric, ...] = (
              ("slot_name", "slot_type")),
     _same("pg_replication_slot_safe_wal_size_bytes", "slot_name", "slot_type", "database",
           note="ours also carry database"),
+    _same("pg_replication_slot_wal_status", "slot_name", "slot_type", "database", "wal_status",
+          note="ours also carry database"),
     # collector/pg_stat_user_tables.go: counters without _total, last_* as Unix times
     *(_same(f"pg_stat_user_tables_{column}", *_TABLE) for column in
       ("n_live_tup", "n_dead_tup", "n_mod_since_analyze")),
@@ -129,7 +132,8 @@ POSTGRES_EXPORTER: tuple[CompatMetric, ...] = (
       for column in ("last_vacuum", "last_autovacuum", "last_analyze", "last_autoanalyze")),
     *(_renamed(f"pg_stat_user_tables_{column}", f"pg_stat_user_tables_{column}_total", "counter", _TABLE)
       for column in ("vacuum_count", "autovacuum_count", "analyze_count", "autoanalyze_count")),
-    _renamed("pg_stat_user_tables_table_size_bytes", "pg_relation_size_bytes", "gauge", _TABLE),
+    _renamed("pg_stat_user_tables_table_size_bytes", "pg_relation_size_bytes", "gauge", _TABLE,
+             note="main fork only (theirs, pg_table_size, adds TOAST, free space and visibility maps)"),
     # collector/pg_statio_user_tables.go: "blocks", not "blks"
     *(_renamed(f"pg_statio_user_tables_{part}_blocks_{what}", f"pg_statio_user_tables_{part}_blks_{what}_total",
                "counter", _TABLE)
@@ -158,13 +162,13 @@ POSTGRES_EXPORTER: tuple[CompatMetric, ...] = (
     _renamed("pg_stat_statements_seconds_total", "pg_stat_statements_exec_seconds_total", "counter",
              (("user", "usename"), "datname", "queryid")),
     # the built-in (legacy, queries.go) maps: each carries server="host:port"
-    _renamed("pg_stat_activity_count", "pg_connections", "gauge",
-             ("datname", "state", "usename", "application_name", ("server", SERVER)),
-             note="client sessions only (theirs: every backend with a database)"),
+    _renamed("pg_stat_activity_count", "pg_connections", "gauge", ("datname", "state", ("server", SERVER)),
+             note="client sessions only, summed over role and application (theirs: every backend with a database, "
+                  "0 for each state a database has none in)"),
     _renamed("pg_stat_activity_max_tx_duration", "pg_stat_activity_max_tx_duration_seconds", "gauge",
              ("datname", ("server", SERVER)), note="per database, not per state"),
     _renamed("pg_stat_replication_pg_wal_lsn_diff", "pg_stat_replication_replay_lag_bytes", "gauge",
-             ("application_name", "client_addr", "state", ("server", SERVER))),
+             ("application_name", "client_addr", "state", ("server", SERVER)), note="without their slot_name label"),
     _renamed("pg_stat_replication_pg_xlog_location_diff", "pg_stat_replication_replay_lag_bytes", "gauge",
              ("application_name", "client_addr", "state", ("server", SERVER)),
              note="their name before PostgreSQL 10, still used by the postgres_mixin alerts"),
@@ -190,6 +194,7 @@ POSTGRES_EXPORTER: tuple[CompatMetric, ...] = (
 
 _POOL = ("database", "user")
 PGBOUNCER_EXPORTER: tuple[CompatMetric, ...] = (
+    _same("pgbouncer_up", exporter="pgbouncer_exporter", note="served in every naming"),
     # SHOW STATS
     _renamed("pgbouncer_stats_queries_pooled_total", "pgbouncer_stats_queries_total", "counter", ("database",),
              "pgbouncer_exporter"),
@@ -203,6 +208,15 @@ PGBOUNCER_EXPORTER: tuple[CompatMetric, ...] = (
              ("database",), "pgbouncer_exporter"),
     _same("pgbouncer_stats_client_wait_seconds_total", "database", exporter="pgbouncer_exporter", kind="counter"),
     _same("pgbouncer_stats_server_assignments_total", "database", exporter="pgbouncer_exporter", kind="counter"),
+    # SHOW STATS_TOTALS (v0.11): the same totals under stats_totals
+    *(_renamed(f"pgbouncer_stats_totals_{name}", f"pgbouncer_stats_{source}", "counter", ("database",),
+               "pgbouncer_exporter", note="v0.11 reads SHOW STATS_TOTALS; pgvitals the total_* columns of SHOW STATS")
+      for name, source in (("queries_pooled_total", "queries_total"),
+                           ("sql_transactions_pooled_total", "transactions_total"),
+                           ("received_bytes_total", "received_bytes_total"), ("sent_bytes_total", "sent_bytes_total"),
+                           ("server_in_transaction_seconds_total", "transaction_seconds_total"),
+                           ("queries_duration_seconds_total", "query_seconds_total"),
+                           ("client_wait_seconds_total", "client_wait_seconds_total"))),
     # SHOW POOLS
     *(_same(f"pgbouncer_pools_{name}", *_POOL, exporter="pgbouncer_exporter") for name in (
         "client_active_connections", "client_waiting_connections", "server_active_connections",
@@ -216,7 +230,8 @@ PGBOUNCER_EXPORTER: tuple[CompatMetric, ...] = (
                  "server database)")
       for name in ("pool_size", "max_connections", "current_connections", "paused", "disabled")),
     _renamed("pgbouncer_databases_reserve_pool", "pgbouncer_databases_reserve_pool_size", "gauge",
-             (("name", "database"), ("database", "server_database")), "pgbouncer_exporter"),
+             (("name", "database"), ("database", "server_database")), "pgbouncer_exporter",
+             note="without their host, port, force_user and pool_mode labels"),
     # SHOW CONFIG
     _same("pgbouncer_config_max_client_connections", exporter="pgbouncer_exporter"),
     _same("pgbouncer_config_max_user_connections", exporter="pgbouncer_exporter"),
@@ -245,8 +260,6 @@ NOT_PROVIDED: tuple[NotProvided, ...] = (
                 "an absolute LSN; pgvitals exports what it means: pg_replication_slot_retained_bytes"),
     NotProvided("pg_replication_slot_slot_confirmed_flush_lsn",
                 "an absolute LSN; pgvitals exports pg_replication_slot_confirmed_flush_lag_bytes"),
-    NotProvided("pg_replication_slot_wal_status",
-                "same information as pg_replication_slot_wal_status{wal_status} (ours also carries database)"),
     NotProvided("pg_stat_replication_pg_current_wal_lsn_bytes",
                 "one copy of the primary's WAL position per standby; use pg_wal_position_bytes"),
     NotProvided("pg_stat_database_conflicts_confl_tablespace", "not collected per conflict kind; "
@@ -285,7 +298,6 @@ NOT_PROVIDED: tuple[NotProvided, ...] = (
                 "disabled by default there; pg_autovacuum_workers and pg_stat_progress_vacuum_* instead"),
     NotProvided("pgbouncer_exporter_*", "process metrics of the exporter itself", "pgbouncer_exporter"),
     NotProvided("pgbouncer_version_info", "not collected (SHOW VERSION is read, not exported)", "pgbouncer_exporter"),
-    NotProvided("pgbouncer_databases_min_pool_size", "not collected", "pgbouncer_exporter"),
     NotProvided("pgbouncer_databases", "SHOW LISTS counts other than clients and servers are not collected",
                 "pgbouncer_exporter"),
     NotProvided("pgbouncer_users", "SHOW LISTS counts other than clients and servers are not collected",
@@ -298,8 +310,20 @@ NOT_PROVIDED: tuple[NotProvided, ...] = (
                 "pgbouncer_exporter"),
     NotProvided("pgbouncer_login_clients", "SHOW LISTS counts other than clients and servers are not collected",
                 "pgbouncer_exporter"),
-    NotProvided("pgbouncer_stats_client_wait_seconds_avg", "averages are rates of the totals; not exported",
+    NotProvided("pgbouncer_stats_queries_total",
+                "theirs counts total_requests of PgBouncer before 1.8 (a column gone since); the same name in "
+                "pgvitals' native naming counts total_query_count (theirs: pgbouncer_stats_queries_pooled_total)",
                 "pgbouncer_exporter"),
+    NotProvided("pgbouncer_stats_totals_queries_total", "total_requests of PgBouncer before 1.8 (a column gone since)",
+                "pgbouncer_exporter"),
+    *(NotProvided(f"pgbouncer_stats_totals_{name}", "prepared-statement counters (PgBouncer 1.21+) are not collected",
+                  "pgbouncer_exporter") for name in ("client_parses_total", "server_parses_total", "binds_total")),
+    *(NotProvided(f"pgbouncer_pools_{name}", "cancel-request counts (PgBouncer 1.18+) are not collected",
+                  "pgbouncer_exporter") for name in (
+        "client_active_cancel_connections", "client_waiting_cancel_connections", "server_active_cancel_connections",
+        "server_being_canceled_connections")),
+    *(NotProvided(f"pgbouncer_{name}", "SHOW LISTS DNS counts are not collected", "pgbouncer_exporter")
+      for name in ("cached_dns_names", "cached_dns_zones", "in_flight_dns_queries")),
 )
 
 

@@ -60,6 +60,8 @@ def mixin_section(mixin: Mapping[str, Any]) -> list[str]:
     panels: Sequence[Mapping[str, Any]] = mixin["panels"]
     empty_alerts = [a for a in alerts if a.get("no_data")]
     empty_panels = [p for p in panels if p.get("no_data")]
+    later = sum(1 for p in empty_panels if p.get("only_from"))  # empty only from that server version on
+    always = len(empty_panels) - later
     lines = [
         "## postgres_exporter's mixin against pgvitals", "",
         f"`tests/test_live_compat.py` runs a real Prometheus that scrapes pgvitals in `postgres_exporter` mode "
@@ -67,8 +69,8 @@ def mixin_section(mixin: Mapping[str, Any]) -> list[str]:
         f"(`{MIXIN_FILE}`, copied from postgres_exporter's `postgres_mixin/` with its commits noted). An alert "
         "counts when its input (the expression without its threshold) returns data.", "",
         f"- Alert rules: {len(alerts) - len(empty_alerts)} of {len(alerts)} have data.",
-        f"- Dashboard queries (Postgres Overview, panels and variables): {len(panels) - len(empty_panels)} of "
-        f"{len(panels)} have data on PostgreSQL 12-16; on 17+ the ones below marked 17+ are empty.", "",
+        f"- Dashboard queries (Postgres Overview, panels and variables): {len(panels) - always} of {len(panels)} "
+        f"have data on PostgreSQL 12-16, {len(panels) - always - later} on 17+ (marked 17+ below).", "",
         "| expression | why it returns nothing |", "|---|---|",
     ]
     for item in [*empty_alerts, *empty_panels]:
