@@ -77,8 +77,19 @@ _STAT_DATABASE_COUNTERS = ("xact_commit", "xact_rollback", "blks_read", "blks_hi
                            "tup_fetched", "tup_inserted", "tup_updated", "tup_deleted", "conflicts",
                            "temp_files", "temp_bytes", "deadlocks")
 
+#: Their one error flag per server, from our per-collector status (the snapshot renders it with the self-metrics).
+LAST_SCRAPE_ERROR = CompatMetric(
+    "pg_exporter_last_scrape_error", "pgvitals_collector_success", "gauge",
+    note="1 while the server is down or any collector's last run on it failed (theirs: the last scrape's "
+         "queries); per collector: pgvitals_collector_success")
+LAST_SCRAPE_ERROR_SPEC = MetricSpec(
+    name=LAST_SCRAPE_ERROR.name, kind="gauge",
+    help="1 when the target is down or a collector's last run on it failed, else 0 (postgres_exporter's name; "
+         "pgvitals_collector_success says which collector).")
+
 POSTGRES_EXPORTER: tuple[CompatMetric, ...] = (
     _same("pg_up", note="served in every naming (the exporter's own series, like pgvitals_*)"),
+    LAST_SCRAPE_ERROR,
     # collector/pg_stat_database.go: no _total, times in milliseconds, datid next to datname
     _same("pg_stat_database_numbackends", "datname", note="without their datid label (same name: one series)"),
     *(_renamed(f"pg_stat_database_{column}", f"pg_stat_database_{column}_total", "counter", _DATABASE)
@@ -243,8 +254,6 @@ COMPAT: tuple[CompatMetric, ...] = POSTGRES_EXPORTER + PGBOUNCER_EXPORTER
 
 _PLAIN = "a plain gauge/counter of the view column"
 NOT_PROVIDED: tuple[NotProvided, ...] = (
-    NotProvided("pg_exporter_last_scrape_error",
-                "one flag for every query together; pgvitals reports each collector: pgvitals_collector_success"),
     NotProvided("pg_exporter_last_scrape_duration_seconds",
                 "scrapes do not query PostgreSQL; collection time per collector: pgvitals_collector_duration_seconds"),
     NotProvided("pg_exporter_scrapes_total", "scrapes do not query PostgreSQL; nothing to count per scrape"),
@@ -410,6 +419,12 @@ def exposition_order(catalog: Catalog, naming: Naming, table: Iterable[CompatMet
         specs.extend(header for _, _, header in chosen.derived)
     specs.extend(catalog.self_metrics)
     return tuple(specs)
+
+
+def self_order(catalog: Catalog, naming: Naming) -> tuple[MetricSpec, ...]:
+    """The exporter's own families in this naming mode: ours, and their error flag unless native."""
+    extra = (LAST_SCRAPE_ERROR_SPEC,) if naming != "native" else ()
+    return (*catalog.self_metrics, *extra)
 
 
 def render_derived(derived: Iterable[tuple[MetricSpec, CompatMetric, MetricSpec]], rows: list[dict[str, Any]],

@@ -145,7 +145,8 @@ class Engine:
         table = compat.validate(catalog) if self.naming != "native" else ()
         # What each collector renders in this naming mode, decided once: a run only follows the plan.
         self.plans = {name: compat.plan(e.collector, self.naming, table) for name, e in self.collectors.items()}
-        snapshot.use_order(compat.exposition_order(catalog, self.naming, table))
+        snapshot.use_order(compat.exposition_order(catalog, self.naming, table),
+                           compat.self_order(catalog, self.naming))
         self.targets: dict[str, TargetRuntime] = {}
         # Every object an enabled collector requires: the probe asks the server about all of them at once.
         self.required = frozenset(

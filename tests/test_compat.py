@@ -92,3 +92,33 @@ def test_exposition_order_has_each_family_once() -> None:
         assert len(names) == len(set(names)), naming
     native = compat.exposition_order(load(), "native")
     assert native == (*(s for c in load().collectors for s in c.metrics), *load().self_metrics)
+
+
+def test_last_scrape_error_follows_the_collectors_of_a_postgres_target() -> None:
+    from exporter import __version__
+    from exporter.snapshot import Snapshot
+
+    snapshot = Snapshot(load(), __version__)
+    snapshot.use_order(compat.exposition_order(load(), "postgres_exporter"),
+                       compat.self_order(load(), "postgres_exporter"))
+    snapshot.add_target("db", 'target="db"')
+    snapshot.add_target("edge", 'target="edge"', is_pgbouncer=True)
+    snapshot.set_up("db", True)
+    snapshot.set_up("edge", True)
+
+    def flag() -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        samples = parse_exposition(snapshot.render().decode())
+        return {k: v for k, v in samples.items() if k[0] == "pg_exporter_last_scrape_error"}
+
+    key = ("pg_exporter_last_scrape_error", frozenset({("target", "db")}))
+    assert flag() == {key: 0}
+    snapshot.record_run("db", "pg_locks", duration=0.1, finished=1.0, series=0, failures=["timeout"], results={})
+    assert flag() == {key: 1}
+    snapshot.record_run("db", "pg_locks", duration=0.1, finished=2.0, series=0, failures=[], results={})
+    assert flag() == {key: 0}
+    snapshot.set_up("db", False, "connection")
+    assert flag() == {key: 1}
+    native = Snapshot(load(), __version__)
+    native.add_target("db", 'target="db"')
+    native.set_up("db", True)
+    assert "pg_exporter_last_scrape_error" not in native.render().decode()
