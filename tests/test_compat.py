@@ -122,3 +122,13 @@ def test_last_scrape_error_follows_the_collectors_of_a_postgres_target() -> None
     native.add_target("db", 'target="db"')
     native.set_up("db", True)
     assert "pg_exporter_last_scrape_error" not in native.render().decode()
+
+
+def test_unknown_naming_is_a_config_error_at_its_key() -> None:
+    from exporter.config import ConfigError, load_settings
+
+    target = {"name": "a", "dsn": "postgresql://mon@db/postgres"}
+    with pytest.raises(ConfigError) as caught:
+        load_settings(raw={"targets": [target], "metric_names": "prometheus"}, environ={})
+    assert caught.value.problems == ["metric_names: Input should be 'native', 'postgres_exporter' or 'both'"]
+    assert load_settings(raw={"targets": [target]}, environ={}).metric_names == "native"
