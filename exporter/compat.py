@@ -303,6 +303,8 @@ NOT_PROVIDED: tuple[NotProvided, ...] = (
                 "labels (schemaname, relname, phase) instead"),
     NotProvided("pg_stat_checkpointer_*", "disabled by default there; our pg_stat_checkpointer_* keep our names "
                 "(the mixin reads the pg_stat_bgwriter_* names, derived above)"),
+    NotProvided("pg_buffercache_summary_*", "disabled by default there (needs the pg_buffercache extension); "
+                "not collected"),
     NotProvided("pg_stat_activity_autovacuum_timestamp_seconds",
                 "disabled by default there; pg_autovacuum_workers and pg_stat_progress_vacuum_* instead"),
     NotProvided("pgbouncer_exporter_*", "process metrics of the exporter itself", "pgbouncer_exporter"),
