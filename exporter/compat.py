@@ -435,32 +435,46 @@ def render_derived(derived: Iterable[tuple[MetricSpec, CompatMetric, MetricSpec]
     chunks: dict[str, bytes] = {}
     total = 0
     truncated = False
+    # Their metrics of one collector mostly share a label mapping: build each row's label text once per mapping.
+    label_cache: dict[tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]], list[str]] = {}
     for source, entry, _header in derived:
+        key = (entry.labels, entry.value_maps)
+        texts = label_cache.get(key)
+        if texts is None:
+            texts = label_cache[key] = [_label_text(entry, row, prefix, server) for row in rows]
+        scale = source.scale * entry.scale
         series: dict[str, float | int] = {}
-        maps = {label: VALUE_MAPS[how] for label, how in entry.value_maps}
-        for row in rows:
+        for row, labels in zip(rows, texts, strict=True):
             raw = to_number(row.get(source.value)) if source.value else 1
             if raw is None:
+                continue  # NULL: no sample, as in the native metric
+            if labels in series:
+                series[labels] += raw * scale if scale != 1.0 else raw
                 continue
-            value = raw * source.scale * entry.scale if source.scale != 1.0 or entry.scale != 1.0 else raw
-            parts = []
-            for their, ours in entry.labels:
-                if ours == SERVER:
-                    text = server
-                elif ours.startswith("="):
-                    text = ours[1:]
-                else:
-                    text = label_value(row.get(ours))
-                if their in maps:
-                    text = maps[their](text)
-                parts.append(f'{their}="{escape_label(text)}"')
-            labels = ",".join([prefix, *parts] if prefix else parts)
-            if labels not in series and len(series) + total >= limit:
+            if len(series) + total >= limit:
                 truncated = True
                 break
-            series[labels] = series.get(labels, 0) + value
+            series[labels] = raw * scale if scale != 1.0 else raw
         if series:
-            chunks[entry.name] = "".join(
-                f"{entry.name}{{{labels}}} {format_value(value)}\n" for labels, value in series.items()).encode()
+            name = entry.name
+            chunks[name] = "".join(f"{name}{{{labels}}} {format_value(value)}\n"
+                                   for labels, value in series.items()).encode()
             total += len(series)
     return chunks, total, truncated
+
+
+def _label_text(entry: CompatMetric, row: dict[str, Any], prefix: str, server: str) -> str:
+    """The label text of one derived series: the target's prefix, then their labels in their order."""
+    maps = dict(entry.value_maps)
+    parts = [prefix] if prefix else []
+    for their, ours in entry.labels:
+        if ours == SERVER:
+            text = server
+        elif ours.startswith("="):
+            text = ours[1:]
+        else:
+            text = label_value(row.get(ours))
+        if their in maps:
+            text = VALUE_MAPS[maps[their]](text)
+        parts.append(f'{their}="{escape_label(text)}"')
+    return ",".join(parts)
