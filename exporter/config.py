@@ -8,7 +8,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -427,6 +427,9 @@ class Settings(_Strict):
     log: LogConfig = Field(default_factory=LogConfig)
     web_config_file: Path | None = None  # exporter-toolkit web config: TLS, basic auth (exporter/webconfig.py)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+    # Which metric names /metrics serves: ours, postgres_exporter's and pgbouncer_exporter's (exporter/compat.py),
+    # or both (a name both use is served once).
+    metric_names: Literal["native", "postgres_exporter", "both"] = "native"
 
     @field_validator("collectors", mode="before")
     @classmethod

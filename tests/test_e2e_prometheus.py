@@ -121,14 +121,18 @@ class Prometheus:
 
 
 @contextmanager
-def running_prometheus(exporter_port: int, rules: str) -> Iterator[Prometheus]:
+def running_prometheus(exporter_port: int, rules: str, job: str = "pgvitals",
+                       metric_relabel_configs: list[dict[str, Any]] | None = None) -> Iterator[Prometheus]:
     base = Path(tempfile.mkdtemp(prefix="pgvitals-prometheus-"))
     (base / "pgvitals.rules.yml").write_text(rules)
+    scrape: dict[str, Any] = {"job_name": job, "static_configs": [{"targets": [f"127.0.0.1:{exporter_port}"]}]}
+    if metric_relabel_configs:
+        scrape["metric_relabel_configs"] = metric_relabel_configs
     config = {
         "global": {"scrape_interval": f"{SCRAPE_INTERVAL:g}s", "evaluation_interval": "1s",
                    "scrape_timeout": "900ms"},
         "rule_files": [str(base / "pgvitals.rules.yml")],
-        "scrape_configs": [{"job_name": "pgvitals", "static_configs": [{"targets": [f"127.0.0.1:{exporter_port}"]}]}],
+        "scrape_configs": [scrape],
     }
     (base / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
