@@ -222,13 +222,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_docs(args: argparse.Namespace) -> int:
-    """Write docs/metrics.md from the catalog."""
+    """Write docs/metrics.md from the catalog (and docs/compat.md in a checkout, where the mixin data is)."""
+    from exporter.compat_docs import MIXIN_FILE, compat_markdown, load_mixin
     from exporter.docs import metrics_markdown
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(metrics_markdown(catalog.load()), encoding="utf-8")
     print(f"wrote {out}")
+    if args.compat_out and MIXIN_FILE.exists():
+        compat_out = Path(args.compat_out)
+        compat_out.write_text(compat_markdown(catalog.load(), load_mixin()), encoding="utf-8")
+        print(f"wrote {compat_out}")
     return 0
 
 
@@ -312,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     docs = sub.add_parser("docs", help="generate docs/metrics.md", description="Write the metric reference "
                           "generated from the collector catalog.")
     docs.add_argument("--out", default="docs/metrics.md")
+    docs.add_argument("--compat-out", default="docs/compat.md",
+                      help="postgres_exporter name reference (written in a checkout, from tests/data)")
     docs.set_defaults(func=cmd_docs)
     dashboards = sub.add_parser("dashboards", help="generate Grafana dashboards", description="Write the Grafana "
                                 "dashboards (JSON) and provisioning files; thresholds from the `alerts:` section "

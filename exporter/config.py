@@ -9,7 +9,7 @@ import re
 import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -485,6 +485,9 @@ class Settings(_Strict):
     dynamic_target_ttl: Duration = 600.0  # a target registered by /probe is dropped this long after its last probe
     max_dynamic_targets: int = Field(default=100, ge=0, le=10_000)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+    # Which metric names /metrics serves: ours, postgres_exporter's and pgbouncer_exporter's (exporter/compat.py),
+    # or both (a name both use is served once).
+    metric_names: Literal["native", "postgres_exporter", "both"] = "native"
 
     @field_validator("collectors", mode="before")
     @classmethod

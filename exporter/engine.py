@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 from psycopg.conninfo import conninfo_to_dict
 
-from exporter import planner, secrets, shards
+from exporter import compat, planner, secrets, shards
 from exporter.catalog import Catalog, Collector
 from exporter.config import PgBouncerConfig, Settings, TargetConfig
 from exporter.db import (
@@ -79,6 +79,7 @@ class TargetRuntime:
     last_errors: dict[ErrorKey, str] = field(default_factory=dict)
     state: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     dsn_text: str = ""
+    server: str = ""  # host:port, postgres_exporter's ``server`` label on its legacy metrics
     # collector -> (objects it was refused at run time, monotonic time of the refusal): not asked again
     # until the probe's re-check lets the denial expire.
     run_denials: dict[str, tuple[frozenset[str], float]] = field(default_factory=dict)
@@ -146,12 +147,20 @@ def build_runtime(cfg: TargetConfig | PgBouncerConfig, settings: Settings) -> Ta
     prefix = label_text([("target", cfg.name), *sorted(cfg.labels.items())])
     runtime = TargetRuntime(
         name=cfg.name, is_pgbouncer=is_pgbouncer, conns=TargetConnections(options, limit), prefix=prefix,
-        dsn_text=dsn_display(cfg.dsn),
+        dsn_text=dsn_display(cfg.dsn), server=_server_label(cfg.dsn),
     )
     if isinstance(cfg, TargetConfig):
         runtime.include = tuple(cfg.databases.include)
         runtime.exclude = cfg.databases.excluded()
     return runtime
+
+
+def _server_label(dsn: str) -> str:
+    """``host:port`` as postgres_exporter labels a server (its first host; libpq's defaults when unset)."""
+    params = conninfo_to_dict(dsn)
+    host = str(params.get("host") or "localhost").split(",")[0]
+    port = str(params.get("port") or "5432").split(",")[0]
+    return f"{host}:{port}"
 
 
 class Engine:
@@ -162,6 +171,12 @@ class Engine:
         self.settings = settings
         self.snapshot = snapshot
         self.collectors = {e.collector.name: e for e in planner.effective_collectors(catalog, settings)}
+        self.naming: compat.Naming = settings.metric_names
+        table = compat.validate(catalog) if self.naming != "native" else ()
+        # What each collector renders in this naming mode, decided once: a run only follows the plan.
+        self.plans = {name: compat.plan(e.collector, self.naming, table) for name, e in self.collectors.items()}
+        snapshot.use_order(compat.exposition_order(catalog, self.naming, table),
+                           compat.self_order(catalog, self.naming))
         self.targets: dict[str, TargetRuntime] = {}
         # Every object an enabled collector requires: the probe asks the server about all of them at once.
         self.required = frozenset(
@@ -382,7 +397,14 @@ class Engine:
         if dbname is not None:
             for row in rows:
                 row.setdefault("datname", dbname)
-        chunks, count, truncated = render_rows(collector.metrics, rows, runtime.prefix, collector.max_series)
+        chosen = self.plans[collector.name]
+        chunks, count, truncated = render_rows(chosen.native, rows, runtime.prefix, collector.max_series)
+        if chosen.derived:
+            derived, extra, cut = compat.render_derived(chosen.derived, rows, runtime.prefix, runtime.server,
+                                                        collector.max_series - count)
+            chunks.update(derived)
+            count += extra
+            truncated = truncated or cut
         if truncated:
             log.warning("collector %s on %s: more than %d series, the rest dropped", collector.name,
                         runtime.name, collector.max_series)

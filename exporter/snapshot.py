@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from exporter import catalog
+from exporter import catalog, compat
 from exporter.catalog import Catalog, MetricSpec
 from exporter.exposition import assemble, format_value, label_text
 
@@ -61,6 +61,17 @@ class Snapshot:
         self._unlisted: set[str] = set()  # targets served by /probe only (registered by a probe, not configured)
         self._order = tuple(catalog.metrics())
         self._self_order = tuple(catalog.self_metrics)
+        self._scrape_error = False  # postgres_exporter's pg_exporter_last_scrape_error (compat naming modes)
+
+    def use_order(self, order: Iterable[MetricSpec], self_order: Iterable[MetricSpec] | None = None) -> None:
+        """Serve these metric families (the naming mode's, exporter/compat.py) in this order."""
+        with self._lock:
+            self._order = tuple(order)
+            if self_order is not None:
+                self._self_order = tuple(self_order)
+                self._scrape_error = compat.LAST_SCRAPE_ERROR_SPEC in self._self_order
+            self._data_body = None
+            self._target_bodies.clear()
 
     def add_target(self, name: str, prefix: str, is_pgbouncer: bool = False) -> None:
         """Register a target; its up series appears with the first probe."""
@@ -301,4 +312,8 @@ class Snapshot:
                     add(catalog.COLLECTOR_DATA_AGE, prefix, (name,), round(now - status.data_time, 3))
                 for reason, count in status.errors.items():
                     add(catalog.COLLECTOR_ERRORS, prefix, (name, reason), count)
+            if self._scrape_error and not target.is_pgbouncer and target.up is not None:
+                failing = not target.up or any(
+                    st.success is False and not st.skipped for st in target.collectors.values())
+                add(compat.LAST_SCRAPE_ERROR_SPEC, prefix, (), 1 if failing else 0)
         return assemble(self._self_order, lines)

@@ -21,7 +21,8 @@ import yaml
 from exporter.alerts import render_rules
 from exporter.config import Settings, load_settings
 from exporter.localpg import free_port, wait_until
-from tests.conftest import MONITOR_PASSWORD, MONITOR_ROLE, Server, running_exporter
+from tests.support.exporters import running_exporter
+from tests.support.servers import MONITOR_PASSWORD, MONITOR_ROLE, Server
 from tests.test_e2e_prometheus import PROMETHEUS, Prometheus, running_prometheus
 
 pytestmark = [pytest.mark.live, pytest.mark.slow]

@@ -3,8 +3,9 @@
 One condition at a time is created for real (a lock chain, a long query, an idle transaction, replay paused,
 a saturated application pool, PgBouncer clients queued, a failing archive_command, an abandoned slot, a server
 stopped); Prometheus' HTTP API must show the matching alert firing, then resolved once the condition is gone.
-Finally every query of every generated dashboard is evaluated against that Prometheus over the run: a query
-that returns nothing fails the test unless it is listed in NOT_FILLED with the reason.
+Every query of every generated dashboard is then evaluated against that Prometheus while one test holds those
+conditions at once, over that test's own window (it needs no earlier test): a query that returns nothing fails
+the test unless it is listed in NOT_FILLED with the reason.
 
 The rule file is the generated one, rendered from this test's `alerts:` configuration (short `for`
 durations and thresholds): the same code path as `pgvitals alerts --config`.
@@ -21,7 +22,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import AbstractContextManager, ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,10 +35,11 @@ from exporter.alerts import render_rules
 from exporter.catalog import load
 from exporter.dashboards import build_dashboards
 from exporter.localpg import free_port, wait_until
-from tests.conftest import Server, running_exporter, settings_for, start_server
-from tests.pgbouncer import PgBouncer, pgbouncer_available, start_pgbouncer
-from tests.standby import Standby, drop_slot, start_standby
+from tests.support.exporters import running_exporter
+from tests.support.pgbouncer import PgBouncer, pgbouncer_available, start_pgbouncer
 from tests.support.promql_check import expand_variables
+from tests.support.servers import Server, settings_for, start_server
+from tests.support.standby import Standby, drop_slot, start_standby
 
 pytestmark = [pytest.mark.live, pytest.mark.slow]
 
@@ -119,17 +121,21 @@ class Prometheus:
 
 
 @contextmanager
-def running_prometheus(exporter_port: int, rules: str,
+def running_prometheus(exporter_port: int, rules: str, job: str = "pgvitals",
+                       metric_relabel_configs: list[dict[str, Any]] | None = None,
                        scrape_configs: Callable[[Path], list[dict[str, Any]]] | None = None) -> Iterator[Prometheus]:
-    """Prometheus scraping the exporter's /metrics, or what ``scrape_configs`` (given its directory) says."""
+    """Prometheus scraping the exporter's /metrics as ``job``, or what ``scrape_configs`` (given its directory)
+    says."""
     base = Path(tempfile.mkdtemp(prefix="pgvitals-prometheus-"))
     (base / "pgvitals.rules.yml").write_text(rules)
+    scrape: dict[str, Any] = {"job_name": job, "static_configs": [{"targets": [f"127.0.0.1:{exporter_port}"]}]}
+    if metric_relabel_configs:
+        scrape["metric_relabel_configs"] = metric_relabel_configs
     config = {
         "global": {"scrape_interval": f"{SCRAPE_INTERVAL:g}s", "evaluation_interval": "1s",
                    "scrape_timeout": "900ms"},
         "rule_files": [str(base / "pgvitals.rules.yml")],
-        "scrape_configs": scrape_configs(base) if scrape_configs else [
-            {"job_name": "pgvitals", "static_configs": [{"targets": [f"127.0.0.1:{exporter_port}"]}]}],
+        "scrape_configs": scrape_configs(base) if scrape_configs else [scrape],
     }
     (base / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
@@ -167,7 +173,6 @@ class Stack:
     standby: Standby
     bouncer: PgBouncer
     prometheus: Prometheus
-    started: float
 
 
 def collector_overrides() -> dict[str, dict[str, Any]]:
@@ -252,7 +257,7 @@ def stack() -> Iterator[Stack]:
         daemon = cleanup.enter_context(running_exporter(settings))
         assert daemon.server is not None
         prometheus = cleanup.enter_context(running_prometheus(daemon.server.port, render_rules(settings)))
-        stack = Stack(primary, standby, bouncer, prometheus, time.time())
+        stack = Stack(primary, standby, bouncer, prometheus)
         wait_until(lambda: prometheus.query("pg_up", time.time()) and prometheus.query(
             "pgbouncer_up", time.time()), timeout=30)
         yield stack
@@ -278,54 +283,55 @@ def _labels(alert: dict[str, Any]) -> dict[str, str]:
     return dict(alert["labels"])
 
 
-# -- scenarios, one condition at a time ----------------------------------------------------------------------
+# -- conditions, each created for real and removed again -------------------------------------------------------
 
-def test_lock_chain_fires_lock_waits(stack: Stack) -> None:
+@contextmanager
+def lock_chain(stack: Stack) -> Iterator[None]:
+    """A session holds ACCESS EXCLUSIVE on e2e_locked; another waits for it."""
     holder = _session(stack.primary)
     holder.execute("BEGIN")
     holder.execute("LOCK TABLE e2e_locked IN ACCESS EXCLUSIVE MODE")
     waiter = _session(stack.primary)
     thread = _in_thread(lambda: waiter.execute("SELECT count(*) FROM e2e_locked"))
     try:
-        alert = stack.prometheus.wait_firing("PostgresLockWaits", target="primary", datname="postgres")
-        assert float(alert["value"]) > 2
-        assert alert["annotations"]["runbook_url"].endswith("#postgreslockwaits")
+        yield
     finally:
         holder.execute("ROLLBACK")
         thread.join(10)
         holder.close()
         waiter.close()
-    stack.prometheus.wait_resolved("PostgresLockWaits", target="primary")
 
 
-def test_long_query_fires_long_running_query(stack: Stack) -> None:
+@contextmanager
+def long_query(stack: Stack) -> Iterator[None]:
+    """A minute-long pg_sleep, cancelled at the end."""
     session = _session(stack.primary)
     pid = session.info.backend_pid
     thread = _in_thread(lambda: session.execute("SELECT pg_sleep(60)"))
     try:
-        alert = stack.prometheus.wait_firing("PostgresLongRunningQuery", target="primary", datname="postgres")
-        assert float(alert["value"]) > 3
+        yield
     finally:
         stack.primary.execute(f"SELECT pg_cancel_backend({pid})")
         thread.join(10)
         session.close()
-    stack.prometheus.wait_resolved("PostgresLongRunningQuery", target="primary")
 
 
-def test_idle_transaction_fires_idle_in_transaction(stack: Stack) -> None:
+@contextmanager
+def idle_transaction(stack: Stack) -> Iterator[None]:
+    """A transaction left open between statements."""
     session = _session(stack.primary)
     session.execute("BEGIN")
     session.execute("SELECT 1")
     try:
-        alert = stack.prometheus.wait_firing("PostgresIdleInTransaction", target="primary", datname="postgres")
-        assert float(alert["value"]) > 3
+        yield
     finally:
         session.execute("ROLLBACK")
         session.close()
-    stack.prometheus.wait_resolved("PostgresIdleInTransaction", target="primary")
 
 
-def test_paused_replay_fires_lag_on_standby_and_primary(stack: Stack) -> None:
+@contextmanager
+def paused_replay(stack: Stack) -> Iterator[None]:
+    """Replay paused on the standby while the primary keeps writing."""
     stack.standby.pause_replay()
     stop = threading.Event()
 
@@ -338,40 +344,34 @@ def test_paused_replay_fires_lag_on_standby_and_primary(stack: Stack) -> None:
     writer = threading.Thread(target=write, daemon=True)
     writer.start()
     try:
-        seconds = stack.prometheus.wait_firing("PostgresReplicationLag", target="replica")
-        assert float(seconds["value"]) > 2
-        in_bytes = stack.prometheus.wait_firing("PostgresReplicationLagBytes", target="primary")
-        assert _labels(in_bytes)["application_name"] == stack.standby.application_name
-        assert float(in_bytes["value"]) > 65536
+        yield
     finally:
         stop.set()
         writer.join(10)
         stack.standby.resume_replay()
-    stack.prometheus.wait_resolved("PostgresReplicationLag", target="replica")
-    stack.prometheus.wait_resolved("PostgresReplicationLagBytes", target="primary")
 
 
-def test_saturated_application_pool_fires_pool_saturated(stack: Stack) -> None:
+@contextmanager
+def saturated_pool(stack: Stack) -> Iterator[None]:
+    """As many sessions of the "api" application pool as its declared capacity."""
     sessions = [_session(stack.primary, f"e2e_api_{i}") for i in range(POOL_CAPACITY)]
     try:
-        alert = stack.prometheus.wait_firing("PostgresPoolSaturated", target="primary", pool="api")
-        assert float(alert["value"]) >= 1.0
+        yield
     finally:
         for session in sessions:
             session.close()
-    stack.prometheus.wait_resolved("PostgresPoolSaturated", target="primary", pool="api")
 
 
-def test_queued_pgbouncer_clients_fire_clients_waiting(stack: Stack) -> None:
-    # Session pooling with pool_size=2: two clients hold both server connections, three more queue.
+@contextmanager
+def queued_pgbouncer_clients(stack: Stack) -> Iterator[None]:
+    """Session pooling with pool_size=2: two clients hold both server connections, three more queue."""
     holders = [psycopg.connect(stack.bouncer.client_dsn("postgres"), autocommit=True) for _ in range(2)]
     for holder in holders:
         holder.execute("SELECT 1")
     queued = [psycopg.connect(stack.bouncer.client_dsn("postgres"), autocommit=True) for _ in range(3)]
     threads = [_in_thread(lambda c=c: c.execute("SELECT 1")) for c in queued]
     try:
-        alert = stack.prometheus.wait_firing("PgBouncerClientsWaiting", target="edge", database="postgres")
-        assert float(alert["value"]) >= 1
+        yield
     finally:
         for holder in holders:
             holder.close()
@@ -379,10 +379,11 @@ def test_queued_pgbouncer_clients_fire_clients_waiting(stack: Stack) -> None:
             thread.join(10)
         for client in queued:
             client.close()
-    stack.prometheus.wait_resolved("PgBouncerClientsWaiting", target="edge")
 
 
-def test_failing_archive_command_fires_archiving_failing(stack: Stack) -> None:
+@contextmanager
+def failing_archive_command(stack: Stack) -> Iterator[None]:
+    """archive_command fails for a switched segment; afterwards the pending segments are archived."""
     primary = stack.primary
     primary.execute("ALTER SYSTEM SET archive_command = 'exit 1'")
     primary.execute("SELECT pg_reload_conf()")
@@ -390,23 +391,84 @@ def test_failing_archive_command_fires_archiving_failing(stack: Stack) -> None:
         time.sleep(0.5)  # the archiver reads the new command on reload
         primary.execute("INSERT INTO e2e_events (note) VALUES ('segment')")
         primary.execute("SELECT pg_switch_wal()")
-        alert = stack.prometheus.wait_firing("PostgresWalArchivingFailing", target="primary")
-        assert float(alert["value"]) > 0
+        yield
     finally:
         primary.execute("ALTER SYSTEM RESET archive_command")
         primary.execute("SELECT pg_reload_conf()")
-    time.sleep(0.5)
-    primary.execute("INSERT INTO e2e_events (note) VALUES ('segment')")
-    primary.execute("SELECT pg_switch_wal()")  # wakes the archiver: the pending segments now succeed
+        time.sleep(0.5)
+        primary.execute("INSERT INTO e2e_events (note) VALUES ('segment')")
+        primary.execute("SELECT pg_switch_wal()")  # wakes the archiver: the pending segments now succeed
+
+
+@contextmanager
+def abandoned_slot(stack: Stack) -> Iterator[None]:
+    """A physical slot nothing consumes (reserving WAL at once)."""
+    stack.primary.execute("SELECT pg_create_physical_replication_slot('e2e_abandoned', true)")
+    try:
+        yield
+    finally:
+        drop_slot(stack.primary, "e2e_abandoned")
+
+
+# -- scenarios, one condition at a time ----------------------------------------------------------------------
+
+def test_lock_chain_fires_lock_waits(stack: Stack) -> None:
+    with lock_chain(stack):
+        alert = stack.prometheus.wait_firing("PostgresLockWaits", target="primary", datname="postgres")
+        assert float(alert["value"]) > 2
+        assert alert["annotations"]["runbook_url"].endswith("#postgreslockwaits")
+    stack.prometheus.wait_resolved("PostgresLockWaits", target="primary")
+
+
+def test_long_query_fires_long_running_query(stack: Stack) -> None:
+    with long_query(stack):
+        alert = stack.prometheus.wait_firing("PostgresLongRunningQuery", target="primary", datname="postgres")
+        assert float(alert["value"]) > 3
+    stack.prometheus.wait_resolved("PostgresLongRunningQuery", target="primary")
+
+
+def test_idle_transaction_fires_idle_in_transaction(stack: Stack) -> None:
+    with idle_transaction(stack):
+        alert = stack.prometheus.wait_firing("PostgresIdleInTransaction", target="primary", datname="postgres")
+        assert float(alert["value"]) > 3
+    stack.prometheus.wait_resolved("PostgresIdleInTransaction", target="primary")
+
+
+def test_paused_replay_fires_lag_on_standby_and_primary(stack: Stack) -> None:
+    with paused_replay(stack):
+        seconds = stack.prometheus.wait_firing("PostgresReplicationLag", target="replica")
+        assert float(seconds["value"]) > 2
+        in_bytes = stack.prometheus.wait_firing("PostgresReplicationLagBytes", target="primary")
+        assert _labels(in_bytes)["application_name"] == stack.standby.application_name
+        assert float(in_bytes["value"]) > 65536
+    stack.prometheus.wait_resolved("PostgresReplicationLag", target="replica")
+    stack.prometheus.wait_resolved("PostgresReplicationLagBytes", target="primary")
+
+
+def test_saturated_application_pool_fires_pool_saturated(stack: Stack) -> None:
+    with saturated_pool(stack):
+        alert = stack.prometheus.wait_firing("PostgresPoolSaturated", target="primary", pool="api")
+        assert float(alert["value"]) >= 1.0
+    stack.prometheus.wait_resolved("PostgresPoolSaturated", target="primary", pool="api")
+
+
+def test_queued_pgbouncer_clients_fire_clients_waiting(stack: Stack) -> None:
+    with queued_pgbouncer_clients(stack):
+        alert = stack.prometheus.wait_firing("PgBouncerClientsWaiting", target="edge", database="postgres")
+        assert float(alert["value"]) >= 1
+    stack.prometheus.wait_resolved("PgBouncerClientsWaiting", target="edge")
+
+
+def test_failing_archive_command_fires_archiving_failing(stack: Stack) -> None:
+    with failing_archive_command(stack):
+        alert = stack.prometheus.wait_firing("PostgresWalArchivingFailing", target="primary")
+        assert float(alert["value"]) > 0
     stack.prometheus.wait_resolved("PostgresWalArchivingFailing", target="primary", timeout=75)
 
 
 def test_abandoned_slot_fires_slot_inactive(stack: Stack) -> None:
-    stack.primary.execute("SELECT pg_create_physical_replication_slot('e2e_abandoned', true)")
-    try:
+    with abandoned_slot(stack):
         stack.prometheus.wait_firing("PostgresReplicationSlotInactive", target="primary", slot_name="e2e_abandoned")
-    finally:
-        drop_slot(stack.primary, "e2e_abandoned")
     stack.prometheus.wait_resolved("PostgresReplicationSlotInactive", target="primary", slot_name="e2e_abandoned")
 
 
@@ -423,11 +485,40 @@ def test_stopped_server_fires_postgres_down(stack: Stack) -> None:
 
 # -- every dashboard panel has data ------------------------------------------------------------------------
 
+#: The conditions the dashboards are built to show, each with an alert that says Prometheus has seen it.
+#: A failing archive_command and a stopped server are left out: their panels (Archiver, Up) have series
+#: without them, and undoing them takes the longest.
+INCIDENTS: list[tuple[Callable[[Stack], AbstractContextManager[None]], str, dict[str, str]]] = [
+    (lock_chain, "PostgresLockWaits", {"target": "primary", "datname": "postgres"}),
+    (long_query, "PostgresLongRunningQuery", {"target": "primary", "datname": "postgres"}),
+    (idle_transaction, "PostgresIdleInTransaction", {"target": "primary", "datname": "postgres"}),
+    (paused_replay, "PostgresReplicationLagBytes", {"target": "primary"}),
+    (saturated_pool, "PostgresPoolSaturated", {"target": "primary", "pool": "api"}),
+    (queued_pgbouncer_clients, "PgBouncerClientsWaiting", {"target": "edge", "database": "postgres"}),
+    (abandoned_slot, "PostgresReplicationSlotInactive", {"target": "primary", "slot_name": "e2e_abandoned"}),
+]
+
+
 def test_every_dashboard_query_returns_data(stack: Stack) -> None:
-    end = time.time()
-    window = f"{int(end - stack.started) + 1}s"
+    """Every panel has data over this test's own window, with the incidents it creates (no earlier test's)."""
+    started = time.time()
+    with ExitStack() as incidents:
+        for condition, _, _ in INCIDENTS:
+            incidents.enter_context(condition(stack))
+        for _, alert, labels in INCIDENTS:
+            stack.prometheus.wait_firing(alert, **labels)
+        empty, evaluated = _empty_panels(stack.prometheus, started, time.time())
+    for _, alert, labels in INCIDENTS:  # the stack as this test found it, for whatever runs next
+        stack.prometheus.wait_resolved(alert, **labels)
+    assert evaluated > 50
+    assert not empty, "panels without data:\n  " + "\n  ".join(empty)
+
+
+def _empty_panels(prometheus: Prometheus, start: float, end: float) -> tuple[list[str], int]:
+    """Dashboard queries without a result between ``start`` and ``end`` (NOT_FILLED aside), and how many ran."""
+    window = f"{int(end - start) + 1}s"
     # The evaluation itself can tell empty from filled: a selector of a target that does not exist is empty.
-    assert not stack.prometheus.query_range('pg_up{target="no-such-target"}', stack.started, end)
+    assert not prometheus.query_range('pg_up{target="no-such-target"}', start, end)
     empty = []
     evaluated = 0
     for file, board in build_dashboards().items():
@@ -435,14 +526,13 @@ def test_every_dashboard_query_returns_data(stack: Stack) -> None:
             for target in panel.get("targets", []):
                 expr = expand_variables(target["expr"], rate_interval=RATE_INTERVAL, time_range=window)
                 if target.get("instant"):
-                    result = stack.prometheus.query(expr, end)
+                    result = prometheus.query(expr, end)
                     if not result:  # instant panels show the range end; the condition may have passed
-                        result = stack.prometheus.query_range(expr, stack.started, end)
+                        result = prometheus.query_range(expr, start, end)
                 else:
-                    result = stack.prometheus.query_range(expr, stack.started, end)
+                    result = prometheus.query_range(expr, start, end)
                 evaluated += 1
                 key = (file, panel["title"])
                 if not result and key not in NOT_FILLED:
                     empty.append(f"{file}: {panel['title']} [{target['refId']}]: {expr}")
-    assert evaluated > 50
-    assert not empty, "panels without data:\n  " + "\n  ".join(empty)
+    return empty, evaluated

@@ -14,16 +14,9 @@ import pytest
 from exporter import __version__, catalog
 from exporter.server import MAX_HEAD, MetricsServer, accepts_gzip
 from exporter.snapshot import Snapshot
+from tests.support.metrics_server import HANG, get, make_snapshot
 
 READ_TIMEOUT = 2.0
-HANG = 60.0  # upper bound that only catches a hang, never a timing claim
-
-
-def make_snapshot() -> Snapshot:
-    snapshot = Snapshot(catalog.load(), __version__)
-    snapshot.add_target("db1", 'target="db1"')
-    snapshot.set_up("db1", True)
-    return snapshot
 
 
 @pytest.fixture
@@ -46,17 +39,6 @@ def raw(port: int, payload: bytes, timeout: float = HANG) -> bytes:
 
 def status_of(response: bytes) -> int:
     return int(response.split(b" ", 2)[1])
-
-
-def get(port: int, path: str = "/metrics", method: str = "GET",
-        headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=HANG)
-    try:
-        conn.request(method, path, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
-    finally:
-        conn.close()
 
 
 @pytest.mark.parametrize(("header", "expected"), [

@@ -27,8 +27,8 @@ from exporter.config import load_settings
 from exporter.localpg import wait_until
 from exporter.server import MetricsServer
 from exporter.webconfig import BasicAuth, WebConfigError, load_web_config
-from tests.conftest import Server, settings_for
-from tests.test_http_server import HANG, get, make_snapshot
+from tests.support.metrics_server import HANG, get, make_snapshot
+from tests.support.servers import Server, settings_for
 
 ROOT = Path(__file__).resolve().parents[1]
 USER, PASSWORD = "prometheus", "scrape-Secret-42"

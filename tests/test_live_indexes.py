@@ -7,9 +7,10 @@ from typing import Any
 import pytest
 
 from exporter.localpg import wait_until
-from tests.conftest import Metrics, Server
-from tests.test_live_cache import run_in_session
-from tests.test_live_sequences import collect_in
+from tests.support.exporters import collect_in
+from tests.support.scrape import Metrics
+from tests.support.servers import Server
+from tests.support.sessions import run_in_session
 
 pytestmark = [pytest.mark.live, pytest.mark.family("indexes")]
 

@@ -8,9 +8,10 @@ from typing import Any
 import pytest
 
 from exporter.localpg import wait_until
-from tests.conftest import Metrics, Server, start_server
-from tests.test_live_locks import sessions
-from tests.test_live_sequences import collect_in
+from tests.support.exporters import collect_in
+from tests.support.scrape import Metrics
+from tests.support.servers import Server, start_server
+from tests.support.sessions import sessions
 
 pytestmark = [pytest.mark.live, pytest.mark.family("maintenance")]
 

@@ -19,7 +19,9 @@ from exporter import catalog, shards
 from exporter.config import load_settings
 from exporter.daemon import FIRST_PROBE_WAITERS
 from exporter.localpg import free_port, wait_until
-from tests.conftest import MONITOR_PASSWORD, MONITOR_ROLE, Metrics, Server, http_status, running_exporter, scrape
+from tests.support.exporters import running_exporter
+from tests.support.scrape import Metrics, http_status, scrape
+from tests.support.servers import MONITOR_PASSWORD, MONITOR_ROLE, Server
 
 ROOT = Path(__file__).parent.parent
 

@@ -20,17 +20,9 @@ from exporter.engine import Engine
 from exporter.hooks import RunContext
 from exporter.localpg import LocalCluster, free_port, wait_until
 from exporter.snapshot import Snapshot
-from tests.conftest import (
-    MONITOR_PASSWORD,
-    MONITOR_ROLE,
-    Metrics,
-    Server,
-    http_status,
-    scrape,
-    settings_for,
-    wait_for_metric,
-)
-from tests.pgbins import bindir_for, selected_major
+from tests.support.pgbins import bindir_for, selected_major
+from tests.support.scrape import Metrics, http_status, scrape, wait_for_metric
+from tests.support.servers import MONITOR_PASSWORD, MONITOR_ROLE, Server, settings_for
 
 pytestmark = [pytest.mark.live, pytest.mark.family("skeleton")]
 

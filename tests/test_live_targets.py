@@ -9,7 +9,8 @@ import pytest
 
 from exporter.config import TargetConfig
 from exporter.localpg import wait_until
-from tests.conftest import Server, scrape, wait_for_metric
+from tests.support.scrape import scrape, wait_for_metric
+from tests.support.servers import Server
 
 pytestmark = [pytest.mark.live, pytest.mark.family("reload")]
 

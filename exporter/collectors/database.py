@@ -7,9 +7,10 @@ from exporter.collectors._helpers import MS, counter, gauge
 
 DB = ("datname",)
 
-# Columns every variant returns; a typed NULL where the server has no such column.
+# Columns every variant returns; a typed NULL where the server has no such column. datid is read only for
+# postgres_exporter's names (exporter/compat.py), which carry it.
 _STAT_DATABASE_COMMON = """
-  d.datname, d.numbackends, d.xact_commit, d.xact_rollback, d.blks_read, d.blks_hit,
+  d.datid, d.datname, d.numbackends, d.xact_commit, d.xact_rollback, d.blks_read, d.blks_hit,
   d.tup_returned, d.tup_fetched, d.tup_inserted, d.tup_updated, d.tup_deleted,
   d.conflicts, d.temp_files, d.temp_bytes, d.deadlocks, d.checksum_failures,
   d.blk_read_time, d.blk_write_time,
