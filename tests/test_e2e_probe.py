@@ -22,8 +22,8 @@ from exporter.alerts import render_rules
 from exporter.config import Settings, load_settings
 from exporter.localpg import free_port, wait_until
 from tests.support.exporters import running_exporter
+from tests.support.prometheus import PROMETHEUS, Prometheus, running_prometheus
 from tests.support.servers import MONITOR_PASSWORD, MONITOR_ROLE, Server
-from tests.test_e2e_prometheus import PROMETHEUS, Prometheus, running_prometheus
 
 pytestmark = [pytest.mark.live, pytest.mark.slow]
 
@@ -97,7 +97,8 @@ def probed(pg: Server, tmp_path: Path) -> Iterator[tuple[Prometheus, str, str]]:
             discovered["file_sd_configs"] = [{"files": [str(base / "postgres" / "*.json")]}]
             return [static, discovered, without_kubernetes(jobs["pgvitals-kubernetes"])]
 
-        with running_prometheus(daemon.server.port, render_rules(Settings()), scrape_configs) as prometheus:
+        rules = render_rules(Settings())
+        with running_prometheus(daemon.server.port, rules, scrape_configs=scrape_configs) as prometheus:
             yield prometheus, live, dead
 
 
