@@ -194,3 +194,15 @@ def test_only_a_few_first_probes_wait_for_their_connection_attempt(pg: Server, t
             # Every one is registered and polled all the same: later probes show each down.
             wait_until(lambda: all(Metrics(probe(port, target)[1]).value("pg_up", target=target) == 0
                                    for target in targets), timeout=60)
+
+
+def test_probe_serves_the_configured_metric_names(pg: Server, exporter_for: Callable[..., Any]) -> None:
+    """In postgres_exporter naming, /probe serves their names, one target's only, like /metrics does."""
+    daemon = exporter_for([{"name": "a", "dsn": pg.dsn()}, {"name": "b", "dsn": pg.dsn()}],
+                          metric_names="postgres_exporter")
+    wait_until(lambda: daemon.ready()[0], timeout=60)
+    probed = scrape(daemon.server.port, "/probe?target=b")
+    assert probed.find("pg_stat_database_xact_commit", target="b", datname="postgres")
+    assert not probed.find("pg_stat_database_xact_commit_total")
+    assert probed.value("pg_exporter_last_scrape_error", target="b") == 0
+    assert {labels.get("target") for labels, _ in probed.find("pg_up")} == {"b"}
