@@ -88,7 +88,7 @@ def reserved_label_names() -> frozenset[str]:
     """Label names pgvitals sets itself: ``target`` and every label of every metric in the catalog."""
     from exporter import catalog
 
-    return frozenset({"target"} | {label for spec in catalog.load().metrics() for label in spec.labels})
+    return frozenset({"target"} | {label for spec in catalog.Catalog.builtin().metrics() for label in spec.labels})
 
 
 def _check_labels(value: dict[str, str]) -> dict[str, str]:
@@ -180,7 +180,7 @@ def collector_settings_model(name: str) -> type[CollectorSettings]:
     from exporter import catalog
 
     fields: dict[str, Any] = {}
-    for param in catalog.load().by_name[name].params:
+    for param in catalog.Catalog.builtin().by_name[name].params:
         kind: Any = type(param.default)
         minimum = 0 if kind in (int, float) else None  # counts, sizes and seconds: never negative
         # Strict: YAML already gives typed values, and `top_n: true` or `query_text: 1` is a mistake.
@@ -196,7 +196,8 @@ def collectors_section_model() -> type[BaseModel]:
     """A model of the ``collectors:`` section: one optional entry per catalog collector, nothing else."""
     from exporter import catalog
 
-    fields: dict[str, Any] = {name: (collector_settings_model(name) | None, None) for name in catalog.load().by_name}
+    builtin = catalog.Catalog.builtin().by_name
+    fields: dict[str, Any] = {name: (collector_settings_model(name) | None, None) for name in builtin}
     return create_model("collectors_section", __base__=_Strict, __doc__="collectors", **fields)
 
 
@@ -569,9 +570,9 @@ def _unknown_key(loc: Loc) -> str:
     from exporter import catalog
 
     if len(loc) == 2 and loc[0] == "collectors":
-        return f"unknown collector (known: {', '.join(sorted(catalog.load().by_name))})"
-    if len(loc) == 3 and loc[0] == "collectors" and str(loc[1]) in catalog.load().by_name:
-        declared = catalog.load().by_name[str(loc[1])].param_defaults()
+        return f"unknown collector (known: {', '.join(sorted(catalog.Catalog.builtin().by_name))})"
+    if len(loc) == 3 and loc[0] == "collectors" and str(loc[1]) in catalog.Catalog.builtin().by_name:
+        declared = catalog.Catalog.builtin().by_name[str(loc[1])].param_defaults()
         return f"unknown key (parameters: {', '.join(sorted(declared)) or 'none'})"
     return "unknown key"
 
@@ -733,7 +734,7 @@ def _semantic_problems(data: Mapping[str, Any], environ: Mapping[str, str]) -> l
                 problems.append(((section, index), "give application_name, usename or client_addr to match sessions"))
     collectors = data.get("collectors")
     if isinstance(collectors, dict):
-        known = catalog_module.load().by_name
+        known = catalog_module.Catalog.builtin().by_name
         for name, override in collectors.items():
             if name in known and isinstance(override, dict):
                 problems.extend(_timeout_problems(("collectors", name), known[name], override))

@@ -7,8 +7,10 @@ exporter's catalog is :func:`build_catalog`: the built-in one plus these, passed
 
 from __future__ import annotations
 
+import logging
 import math
 import re
+from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
@@ -43,6 +45,8 @@ from exporter.config import (
     _yaml_path,
 )
 from exporter.hooks import RunContext
+
+log = logging.getLogger("pgvitals.custom")
 
 #: Column usages of postgres_exporter's queries.yaml (HISTOGRAM too: its own example file uses it).
 USAGES = ("DISCARD", "LABEL", "COUNTER", "GAUGE", "MAPPEDMETRIC", "DURATION", "HISTOGRAM")
@@ -492,4 +496,11 @@ def build_catalog(settings: Settings, base: Catalog | None = None) -> Catalog:
     catalog, problems = _assemble(settings, base)
     if catalog is None:
         raise ConfigError(_report(problems, {}))
+    by_origin: dict[str, list[str]] = defaultdict(list)
+    for item in catalog.shadowed:
+        by_origin[item.origin].append(f"{item.name} ({item.owner})")
+    for origin, names in by_origin.items():
+        # Once, at load: migrated files often re-declare what we export; the built-in series is kept.
+        log.warning("%s: skipped %s: a built-in collector exports the name (strict_custom: true makes this an "
+                    "error)", origin, ", ".join(names))
     return catalog
