@@ -453,17 +453,19 @@ def _assemble(settings: Settings, base: Catalog) -> tuple[Catalog | None, list[P
                                        f"{seen_collectors[collector.name]}"))
         seen_collectors.setdefault(collector.name, collector.origin)
         metrics = []
+        # The path of a queries file's metric is the file entry: say which namespace inside it.
+        at = f"{collector.origin}: " if collector.compat_names else ""
         for spec in collector.metrics:
             loc = item.metric_locs[spec.name]
             owner = base.metric_owner.get(spec.name)
             if owner is not None:
                 if settings.strict_custom:
-                    problems.append((loc, f"{collector.origin}: metric {spec.name} is already exported by "
+                    problems.append((loc, f"{at}metric {spec.name} is already exported by "
                                           f"the built-in collector {owner} (strict_custom: true)"))
                 shadowed.append(ShadowedMetric(spec.name, collector.name, collector.origin, owner))
                 continue
             if spec.name in seen_metrics:
-                problems.append((loc, f"{collector.origin}: metric {spec.name} is already declared by "
+                problems.append((loc, f"{at}metric {spec.name} is already declared by "
                                       f"{seen_metrics[spec.name]}"))
             seen_metrics.setdefault(spec.name, collector.origin)
             metrics.append(spec)
