@@ -200,7 +200,8 @@ BAD_DECLARATIONS = [
 ]
 
 
-@pytest.mark.parametrize(("name", "text", "queries", "expected"), BAD_DECLARATIONS, ids=[b[0] for b in BAD_DECLARATIONS])
+@pytest.mark.parametrize(("name", "text", "queries", "expected"), BAD_DECLARATIONS,
+                         ids=[b[0] for b in BAD_DECLARATIONS])
 def test_bad_custom_declaration_exits_2_naming_the_yaml_path(
     name: str, text: str, queries: str | None, expected: list[str], tmp_path: Path,
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
