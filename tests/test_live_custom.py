@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Runner, Server
+from exporter.cli import main
+from tests.conftest import Runner, Server, wait_for_metric
 
 pytestmark = [pytest.mark.live, pytest.mark.family("custom")]
 
@@ -110,3 +112,27 @@ def test_native_per_database_collector_by_version_and_role(pg: Server, fresh_db:
     assert [labels["era"] for labels, _ in found] == ["new"]
     assert found[0][1] > 100
     assert metrics.value("pgvitals_collector_skipped", collector="standby_thing", reason="role") == 1
+
+
+def test_check_lists_custom_collectors_and_the_metrics_left_to_built_ins(
+    pg: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    config = tmp_path / "pgvitals.yaml"
+    config.write_text(f"targets: [{{name: main, dsn: '{pg.monitor_dsn}'}}]\nqueries_files: ['{PE_FILE}']\n")
+    assert main(["check", "--config", str(config)]) == 0
+    out, err = capsys.readouterr()
+    assert re.search(r"^  queries:pg_stat_user_tables +ok \(\d+ series", out, re.M), out
+    assert re.search(r"^  queries:pg_stat_statements +FAILED: ", out, re.M), out
+    assert re.search(r"^  pg_database_size_bytes +from .*postgres_exporter_queries.yaml: pg_database; "
+                     r"exported by built-in collector pg_database_size$", out, re.M), out
+    warnings = [line for line in err.splitlines() if " WARNING pgvitals.custom: " in line]
+    assert len([w for w in warnings if "pg_database_size_bytes" in w]) == 1, err  # once, at load
+
+
+def test_daemon_serves_custom_metrics(pg: Server, exporter_for) -> None:
+    declared = {"name": "answer", "sql": "SELECT 42 AS v, 'life' AS about", "interval": "1s", "timeout": "500ms",
+                "metrics": [{"name": "answer_value", "value": "v", "labels": ["about"], "help": "The answer."}]}
+    daemon = exporter_for([{"name": "main", "dsn": pg.monitor_dsn}], custom_collectors=[declared])
+    metrics = wait_for_metric(daemon.server.port, "answer_value", about="life")
+    assert metrics.value("answer_value", target="main", about="life") == 42
+    assert "# HELP answer_value The answer." in metrics.body
