@@ -415,6 +415,7 @@ class _Declared:
     """A user collector with the YAML path of each of its metrics (for clash reports)."""
 
     collector: Collector
+    loc: Loc  # where its name is given: the entry's `name`, or the queries file's entry
     metric_locs: Mapping[str, Loc]
 
 
@@ -425,14 +426,14 @@ def _declared(settings: Settings) -> tuple[list[_Declared], list[Problem]]:
         collectors, found = read_queries_file(index, source)
         problems += found
         for collector in collectors:
-            declared.append(_Declared(collector, {spec.name: ("queries_files", index, "path")
-                                                  for spec in collector.metrics}))
+            at: Loc = ("queries_files", index, "path")
+            declared.append(_Declared(collector, at, {spec.name: at for spec in collector.metrics}))
     for index, entry in enumerate(settings.custom_collectors):
         collector, found = native_collector(index, entry)
         problems += found
         locs = {spec.name: ("custom_collectors", index, "metrics", position, "name")
                 for position, spec in enumerate(collector.metrics)}
-        declared.append(_Declared(collector, locs))
+        declared.append(_Declared(collector, ("custom_collectors", index, "name"), locs))
     return declared, problems
 
 
@@ -444,12 +445,10 @@ def _assemble(settings: Settings, base: Catalog) -> tuple[Catalog | None, list[P
     seen_metrics: dict[str, str] = {}
     for item in declared:
         collector = item.collector
-        first_loc = next(iter(item.metric_locs.values()), ("custom_collectors",))
-        name_loc = first_loc[:2] + (("name",) if first_loc[0] == "custom_collectors" else ("path",))
         if collector.name in base.by_name:
-            problems.append((name_loc, f"collector name {collector.name!r} is a built-in collector's"))
+            problems.append((item.loc, f"collector name {collector.name!r} is a built-in collector's"))
         elif collector.name in seen_collectors:
-            problems.append((name_loc, f"collector {collector.name!r} is already declared by "
+            problems.append((item.loc, f"collector {collector.name!r} is already declared by "
                                        f"{seen_collectors[collector.name]}"))
         seen_collectors.setdefault(collector.name, collector.origin)
         metrics = []

@@ -17,6 +17,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from exporter import __version__
 from exporter.catalog import Catalog
 from exporter.config import Settings
+from exporter.custom import build_catalog
 from exporter.engine import Engine, Probe, TargetRuntime
 from exporter.planner import Effective
 from exporter.server import MetricsServer
@@ -30,8 +31,6 @@ class Daemon:
     """Runs every collector of every target on its own interval and serves the snapshot."""
 
     def __init__(self, settings: Settings, web: WebConfig | None = None, catalog: Catalog | None = None):
-        from exporter.custom import build_catalog  # custom imports config; keep the daemon's imports light
-
         self.settings = settings
         self.web = web
         # The built-ins plus the user's declarations, passed on to snapshot and engine (never a global).
