@@ -44,6 +44,7 @@ from exporter.config import (
     _report,
     _yaml_path,
 )
+from exporter.db import Session
 from exporter.hooks import RunContext
 
 log = logging.getLogger("pgvitals.custom")
@@ -235,6 +236,8 @@ def read_queries_file(entry: int, source: QueriesFileConfig) -> tuple[list[Colle
         columns = _columns(spec.get("metrics"), at, problem)
         if columns is None or not isinstance(query, str) or not query.strip():
             continue
+        if (why := statement_problem(query)) is not None:
+            problem((*at, "query"), why)
         collector = _queries_collector(str(namespace), query, columns, ranges, cache_seconds, source)
         for message in variant_problems(collector.variants):
             problem((*at, "runonserver"), message)
@@ -330,7 +333,8 @@ def _queries_collector(namespace: str, query: str, columns: Sequence[_Column], r
         name=f"{QUERIES_PREFIX}{namespace}", family="custom", help=f"{namespace} from {source.path.name}",
         metrics=tuple(metrics), variants=tuple(SqlVariant(query, low, high) for low, high in ranges),
         interval=interval, timeout=source.timeout, scope="server", role="any", max_series=source.max_series,
-        transform=_pe_transform(tuple(columns)), origin=f"{source.path}: {namespace}", compat_names=True,
+        fetch=fetch_one_statement, transform=_pe_transform(tuple(columns)), origin=f"{source.path}: {namespace}",
+        compat_names=True,
     )
 
 
@@ -398,11 +402,16 @@ def native_collector(index: int, declared: CustomCollectorConfig) -> tuple[Colle
     variants = ((SqlVariant(declared.sql),) if declared.sql is not None else
                 tuple(SqlVariant(v.sql, v.min_version, v.max_version) for v in declared.variants))
     problems += [((*at, "variants"), message) for message in variant_problems(variants)]
+    if declared.sql is not None and (why := statement_problem(declared.sql)) is not None:
+        problems.append(((*at, "sql"), why))
+    for position, variant in enumerate(declared.variants):
+        if (why := statement_problem(variant.sql)) is not None:
+            problems.append(((*at, "variants", position, "sql"), why))
     collector = Collector(
         name=declared.name, family="custom", help=declared.help or f"Custom collector {declared.name}.",
         metrics=tuple(metrics), variants=variants, interval=declared.interval, timeout=declared.timeout,
         scope=declared.scope, role=declared.role, max_series=declared.max_series, enabled=declared.enabled,
-        origin=_yaml_path(at),
+        fetch=fetch_one_statement, origin=_yaml_path(at),
     )
     return collector, problems
 
@@ -505,3 +514,90 @@ def build_catalog(settings: Settings, base: Catalog | None = None) -> Catalog:
         log.warning("%s: skipped %s: a built-in collector exports the name (strict_custom: true makes this an "
                     "error)", origin, ", ".join(names))
     return catalog
+
+
+# -- one statement, read-only -----------------------------------------------------------------------------
+
+_DOLLAR_TAG = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)?\$")
+
+
+def statement_problem(sql: str) -> str | None:
+    """Why ``sql`` is not one statement (a trailing ``;`` is fine), or None.
+
+    More statements could end the read-only transaction (``COMMIT; DELETE ...``): refused at load, and at run
+    time the extended protocol makes the server refuse them too (:func:`fetch_one_statement`).
+    """
+    position, length = 0, len(sql)
+    ended: int | None = None  # where a top-level ';' was seen
+    while position < length:
+        char = sql[position]
+        if sql.startswith("--", position):
+            newline = sql.find("\n", position)
+            position = length if newline < 0 else newline + 1
+            continue
+        if sql.startswith("/*", position):
+            depth, position = 1, position + 2
+            while depth and position < length:
+                if sql.startswith("/*", position):
+                    depth, position = depth + 1, position + 2
+                elif sql.startswith("*/", position):
+                    depth, position = depth - 1, position + 2
+                else:
+                    position += 1
+            if depth:
+                return "unterminated /* comment"
+            continue
+        if char.isspace():
+            position += 1
+            continue
+        if ended is not None:
+            return f"one statement only: more SQL follows the ';' at character {ended + 1}"
+        if char == ";":
+            ended = position
+            position += 1
+            continue
+        previous = sql[position - 1] if position else " "
+        identifier_before = previous.isalnum() or previous in "_$"
+        if char in "'\"":
+            escaped = char == "'" and previous in "eE" and not (
+                position >= 2 and (sql[position - 2].isalnum() or sql[position - 2] in "_$"))
+            end = _quote_end(sql, position, char, escaped)
+            if end is None:
+                return f"unterminated {char} quote starting at character {position + 1}"
+            position = end
+            continue
+        tag = _DOLLAR_TAG.match(sql, position) if char == "$" and not identifier_before else None
+        if tag is not None:
+            close = sql.find(tag.group(0), tag.end())
+            if close < 0:
+                return f"unterminated {tag.group(0)} quote starting at character {position + 1}"
+            position = close + len(tag.group(0))
+            continue
+        position += 1
+    return None
+
+
+def _quote_end(sql: str, start: int, quote: str, backslash_escapes: bool) -> int | None:
+    """The position after the quote opened at ``start`` ('' or "" inside is the quote itself)."""
+    position = start + 1
+    while position < len(sql):
+        char = sql[position]
+        if backslash_escapes and char == "\\":
+            position += 2
+            continue
+        if char == quote:
+            if sql.startswith(quote * 2, position):
+                position += 2
+                continue
+            return position + 1
+        position += 1
+    return None
+
+
+def fetch_one_statement(session: Session, _ctx: RunContext, sql_text: str | None) -> Rows:
+    """Run user SQL with the extended protocol (pipeline mode), where the server refuses a second statement."""
+    assert sql_text is not None
+    with session.conn.pipeline() as pipeline, session.conn.cursor() as cursor:
+        cursor.execute(sql_text, prepare=False)
+        pipeline.sync()
+        return cursor.fetchall()

@@ -22,6 +22,7 @@ from exporter.custom import (
     pe_duration_ms,
     pe_label,
     pe_value,
+    statement_problem,
 )
 from exporter.docs import custom_markdown, metrics_markdown
 from exporter.exposition import render_rows
@@ -194,6 +195,12 @@ BAD_DECLARATIONS = [
     ("bad metric name in file", "queries_files: [QFILE]\n",
      "pg-x:\n  query: SELECT 1\n  metrics:\n    - v: {usage: GAUGE}\n",
      ["QFILE: pg-x.metrics.v: bad metric name 'pg-x_v'"]),
+    ("two statements", f"custom_collectors:\n  - {{name: q, sql: 'SELECT 1 AS v; COMMIT; DELETE FROM t', "
+     f"metrics: [{GOOD_METRIC}]}}\n", None,
+     ["custom_collectors[0].sql: one statement only: more SQL follows the ';' at character 14"]),
+    ("two statements in a queries file", "queries_files: [QFILE]\n",
+     "pg_x:\n  query: SELECT 1 AS v; SELECT 2 AS v\n  metrics:\n    - v: {usage: GAUGE}\n",
+     ["QFILE: pg_x.query: one statement only"]),
     ("file timeout above interval", "queries_files: [{path: QFILE, interval: 1s, timeout: 2s}]\n",
      "pg_x:\n  query: SELECT 1\n  metrics:\n    - v: {usage: GAUGE}\n",
      ["queries_files[0]: timeout (2s) must be shorter than the interval (1s)"]),
@@ -253,3 +260,32 @@ def test_docs_with_config_prints_the_custom_section(tmp_path: Path, capsys: pyte
     out = capsys.readouterr().out
     assert out.startswith("## Custom")
     assert "| `ccp_data_checksum_failure_count` | gauge |  | target, dbname |" in out
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT 1",
+    "SELECT 1;",
+    "SELECT 1;  -- done\n",
+    "SELECT ';' AS a, 'it''s; fine' AS b",
+    "SELECT E'back\\'slash;' AS a",
+    'SELECT 1 AS "odd;name"',
+    "SELECT $$;$$ AS a, $tag$ ; $$ ; $tag$ AS b",
+    "SELECT 1 /* a; /* nested; */ still; */",
+    "SELECT a$b FROM t -- ;\n",
+])
+def test_one_statement_passes(sql: str) -> None:
+    assert statement_problem(sql) is None
+
+
+@pytest.mark.parametrize(("sql", "message"), [
+    ("SELECT 1; COMMIT; DELETE FROM t", "one statement only"),
+    ("SELECT 1;\n-- c\nDELETE FROM t", "one statement only"),
+    ("SELECT ';'; SELECT 2", "one statement only"),
+    ("SELECT $$;$$; SELECT 2", "one statement only"),
+    ("SELECT 'open", "unterminated ' quote"),
+    ("SELECT $x$ open", "unterminated $x$ quote"),
+    ("SELECT 1 /* open", "unterminated /* comment"),
+])
+def test_more_than_one_statement_is_refused(sql: str, message: str) -> None:
+    problem = statement_problem(sql)
+    assert problem is not None and message in problem

@@ -139,3 +139,36 @@ def test_daemon_serves_custom_metrics(pg: Server, exporter_for) -> None:
     metrics = wait_for_metric(daemon.server.port, "answer_value", about="life")
     assert metrics.value("answer_value", target="main", about="life") == 42
     assert "# HELP answer_value The answer." in metrics.body
+
+
+def test_second_statement_is_refused_by_the_server_even_past_the_load_check(pg: Server, fresh_db: str) -> None:
+    """``COMMIT; DELETE`` after a SELECT would leave the read-only transaction: the extended protocol refuses it."""
+    from exporter import __version__
+    from exporter.catalog import Catalog
+    from exporter.config import CustomCollectorConfig
+    from exporter.custom import native_collector
+    from exporter.engine import Engine
+    from exporter.snapshot import Snapshot
+    from tests.conftest import Metrics, settings_for
+
+    pg.execute("CREATE TABLE victim (id int); INSERT INTO victim VALUES (1)", fresh_db)
+    declared = CustomCollectorConfig.model_validate({
+        "name": "escape", "sql": "SELECT 1 AS n; COMMIT; DELETE FROM victim; SELECT 1 AS n",
+        "metrics": [{"name": "escape_n", "value": "n", "help": "Never."}]})
+    collector, problems = native_collector(0, declared)
+    assert [message for _loc, message in problems] == [
+        "one statement only: more SQL follows the ';' at character 14"]
+    catalog = Catalog.builtin().with_custom([collector])  # as if the load check had missed it
+    settings = settings_for([{"name": "main", "dsn": pg.dsn(fresh_db, monitor=False)}])
+    snapshot = Snapshot(catalog, __version__)
+    engine = Engine(catalog, settings, snapshot)
+    try:
+        runtime = engine.targets["main"]
+        assert engine.probe(runtime)
+        engine.collect(runtime, engine.collectors["escape"])
+    finally:
+        engine.close()
+    metrics = Metrics(snapshot.render().decode())
+    assert metrics.value("pgvitals_collector_success", collector="escape") == 0
+    assert metrics.value("escape_n") is None
+    assert pg.execute("SELECT count(*) AS n FROM victim", fresh_db) == [{"n": 1}]
