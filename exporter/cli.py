@@ -162,6 +162,8 @@ def _print_custom(cat: catalog.Catalog) -> None:
     if not custom and not cat.shadowed:
         return
     print(f"custom collectors: {len(custom)} ({sum(len(c.metrics) for c in custom)} metrics)")
+    for collector in custom:
+        print(f"  {collector.name:<32} {collector.origin}: {', '.join(spec.name for spec in collector.metrics)}")
     if cat.shadowed:
         print(f"custom metrics skipped, a built-in metric has the name ({len(cat.shadowed)}; "
               "strict_custom: true makes this an error):")

@@ -126,6 +126,9 @@ def test_check_lists_custom_collectors_and_the_metrics_left_to_built_ins(
     out, err = capsys.readouterr()
     assert re.search(r"^  queries:pg_stat_user_tables +ok \(\d+ series", out, re.M), out
     assert re.search(r"^  queries:pg_stat_statements +FAILED: ", out, re.M), out
+    assert re.search(r"^  queries:pg_process_idle +.*postgres_exporter_queries.yaml: pg_process_idle: "
+                     r"pg_process_idle_seconds_bucket, pg_process_idle_seconds_sum, pg_process_idle_seconds_count$",
+                     out, re.M), out
     assert re.search(r"^  pg_database_size_bytes +from .*postgres_exporter_queries.yaml: pg_database; "
                      r"exported by built-in collector pg_database_size$", out, re.M), out
     warnings = [line for line in err.splitlines() if " WARNING pgvitals.custom: " in line]
