@@ -175,3 +175,12 @@ def test_second_statement_is_refused_by_the_server_even_past_the_load_check(pg: 
     assert metrics.value("pgvitals_collector_success", collector="escape") == 0
     assert metrics.value("escape_n") is None
     assert pg.execute("SELECT count(*) AS n FROM victim", fresh_db) == [{"n": 1}]
+
+
+def test_series_cap_bounds_a_custom_collector(pg: Server) -> None:
+    declared = {"name": "many", "sql": "SELECT g AS i, g AS v FROM generate_series(1, 100) g", "max_series": 5,
+                "metrics": [{"name": "many_value", "value": "v", "labels": ["i"], "help": "Rows."}]}
+    with Runner(pg, custom_collectors=[declared]) as runner:
+        metrics = runner.collect()
+    assert len(metrics.find("many_value")) == 5
+    assert metrics.value("pgvitals_collector_series", collector="many") == 5
