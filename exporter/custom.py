@@ -78,7 +78,7 @@ def pe_value(value: Any) -> float | None:
     if isinstance(value, int | float | Decimal):
         return float(value)
     if isinstance(value, datetime | date):
-        return _epoch(value)
+        return float(math.floor(_epoch(value)))  # Go's time.Unix(): whole seconds
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
     if isinstance(value, str):
@@ -96,7 +96,7 @@ def pe_label(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, datetime | date):
-        return str(int(_epoch(value)))
+        return str(math.floor(_epoch(value)))
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     if isinstance(value, float):
@@ -149,7 +149,7 @@ def go_float(value: float) -> str:
     text = "".join(map(str, digits))
     exp10 = len(text) + exponent - 1
     prefix = "-" if sign else ""
-    if exp10 < -4 or exp10 >= 21 or (exp10 >= 6 and len(text) <= exp10):
+    if exp10 < -4 or exp10 >= 6:  # strconv 'g' with the shortest precision switches to %e at these exponents
         mantissa = text[0] + ("." + text[1:] if len(text) > 1 else "")
         return f"{prefix}{mantissa}e{'-' if exp10 < 0 else '+'}{abs(exp10):02d}"
     return prefix + format(Decimal(repr(abs(value))).normalize(), "f")

@@ -94,18 +94,18 @@ def test_strict_custom_makes_a_clash_an_error_with_its_path() -> None:
 
 
 def test_postgres_exporter_value_and_label_rules() -> None:
-    stamp = datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)
+    stamp = datetime(2024, 1, 2, 3, 4, 5, 600000, tzinfo=UTC)
     assert math.isnan(pe_value(None))  # type: ignore[arg-type]
     assert pe_value(True) == 1 and pe_value(Decimal("2.5")) == 2.5 and pe_value("7") == 7
-    assert pe_value(stamp) == stamp.timestamp() and pe_value(stamp.replace(tzinfo=None)) == stamp.timestamp()
+    assert pe_value(stamp) == 1704164645 and pe_value(stamp.replace(tzinfo=None)) == 1704164645  # whole seconds
     assert pe_value("seven") is None
-    assert pe_label(None) == "" and pe_label(False) == "false" and pe_label(stamp) == str(int(stamp.timestamp()))
+    assert pe_label(None) == "" and pe_label(False) == "false" and pe_label(stamp) == "1704164645"
     assert pe_label(1.0) == "1" and pe_label(b"x") == "x"
     assert pe_duration_ms("1h2m3.5s") == 3_723_500 and pe_duration_ms("1.9ms") == 1 and pe_duration_ms("0") == 0
     assert pe_duration_ms("-1") is None and pe_duration_ms("00:01:00") is None and pe_duration_ms(5) is None
     assert pe_duration_ms(timedelta(seconds=2)) == 2000
-    assert [go_float(v) for v in (1.0, 0.5, 300.0, 1e6, 123456.0, 1e-5, float("inf"))] == [
-        "1", "0.5", "300", "1e+06", "123456", "1e-05", "+Inf"]
+    assert [go_float(v) for v in (1.0, 0.5, 300.0, 1e6, 1234567.0, 123456.0, 1e-5, 0.0001, -2.5, float("inf"))] == [
+        "1", "0.5", "300", "1e+06", "1.234567e+06", "123456", "1e-05", "0.0001", "-2.5", "+Inf"]
 
 
 def test_runonserver_ranges_in_server_version_num() -> None:
