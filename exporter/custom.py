@@ -452,6 +452,9 @@ def _assemble(settings: Settings, base: Catalog) -> tuple[Catalog | None, list[P
     shadowed: list[ShadowedMetric] = []
     seen_collectors: dict[str, str] = {}
     seen_metrics: dict[str, str] = {}
+    # A target's constant labels go on every series: a custom label of the same name would repeat it.
+    constant = {label: endpoint.name for endpoint in (*settings.targets, *settings.pgbouncers)
+                for label in endpoint.labels}
     for item in declared:
         collector = item.collector
         if collector.name in base.by_name:
@@ -472,6 +475,10 @@ def _assemble(settings: Settings, base: Catalog) -> tuple[Catalog | None, list[P
                                           f"the built-in collector {owner} (strict_custom: true)"))
                 shadowed.append(ShadowedMetric(spec.name, collector.name, collector.origin, owner))
                 continue
+            for label in spec.labels:
+                if label in constant:
+                    problems.append((loc, f"{at}metric {spec.name}: label {label!r} is a constant label of "
+                                          f"target {constant[label]!r}"))
             if spec.name in seen_metrics:
                 problems.append((loc, f"{at}metric {spec.name} is already declared by "
                                       f"{seen_metrics[spec.name]}"))

@@ -195,6 +195,9 @@ BAD_DECLARATIONS = [
     ("bad metric name in file", "queries_files: [QFILE]\n",
      "pg-x:\n  query: SELECT 1\n  metrics:\n    - v: {usage: GAUGE}\n",
      ["QFILE: pg-x.metrics.v: bad metric name 'pg-x_v'"]),
+    ("label a target sets", "custom_collectors:\n  - {name: q, sql: SELECT 1, metrics: [{name: q_v, value: v, "
+     "labels: [env], help: h}]}\ntargets: [{name: b, dsn: 'host=x', labels: {env: prod}}]\n", None,
+     ["custom_collectors[0].metrics[0].name: metric q_v: label 'env' is a constant label of target 'b'"]),
     ("two statements", f"custom_collectors:\n  - {{name: q, sql: 'SELECT 1 AS v; COMMIT; DELETE FROM t', "
      f"metrics: [{GOOD_METRIC}]}}\n", None,
      ["custom_collectors[0].sql: one statement only: more SQL follows the ';' at character 14"]),
