@@ -282,7 +282,7 @@ def _stale_expr(settings: Settings) -> str | None:
 
     factor = settings.alerts.collector_stale.intervals
     by_interval: dict[float, list[str]] = defaultdict(list)
-    for eff in effective_collectors(catalog_module.load(), settings):
+    for eff in effective_collectors(catalog_module.Catalog.builtin(), settings):
         if eff.enabled:
             by_interval[eff.interval].append(eff.collector.name)
     parts = [

@@ -88,7 +88,7 @@ def reserved_label_names() -> frozenset[str]:
     """Label names pgvitals sets itself: ``target`` and every label of every metric in the catalog."""
     from exporter import catalog
 
-    return frozenset({"target"} | {label for spec in catalog.load().metrics() for label in spec.labels})
+    return frozenset({"target"} | {label for spec in catalog.Catalog.builtin().metrics() for label in spec.labels})
 
 
 def _check_labels(value: dict[str, str]) -> dict[str, str]:
@@ -180,7 +180,7 @@ def collector_settings_model(name: str) -> type[CollectorSettings]:
     from exporter import catalog
 
     fields: dict[str, Any] = {}
-    for param in catalog.load().by_name[name].params:
+    for param in catalog.Catalog.builtin().by_name[name].params:
         kind: Any = type(param.default)
         minimum = 0 if kind in (int, float) else None  # counts, sizes and seconds: never negative
         # Strict: YAML already gives typed values, and `top_n: true` or `query_text: 1` is a mistake.
@@ -196,8 +196,89 @@ def collectors_section_model() -> type[BaseModel]:
     """A model of the ``collectors:`` section: one optional entry per catalog collector, nothing else."""
     from exporter import catalog
 
-    fields: dict[str, Any] = {name: (collector_settings_model(name) | None, None) for name in catalog.load().by_name}
+    builtin = catalog.Catalog.builtin().by_name
+    fields: dict[str, Any] = {name: (collector_settings_model(name) | None, None) for name in builtin}
     return create_model("collectors_section", __base__=_Strict, __doc__="collectors", **fields)
+
+
+_NATIVE_NAME = r"^[a-z_][a-z0-9_]*$"
+#: The top of the version space custom variants may name (catalog.VERSION_INFINITY; config imports no catalog).
+_NO_UPPER_VERSION = 10**9
+
+
+class CustomMetricConfig(_Strict):
+    """One metric of a custom collector: as a built-in declaration (exporter.catalog.MetricSpec)."""
+
+    name: str = Field(pattern=_NATIVE_NAME, max_length=200)
+    kind: Literal["counter", "gauge", "info"] = "gauge"
+    value: str | None = None  # the result column holding the value; none for an info metric
+    labels: list[str] = Field(default_factory=list)  # result columns that become labels
+    help: str = Field(min_length=1)
+    unit: str = ""
+    scale: float = 1.0
+
+    @model_validator(mode="after")
+    def _value_column(self) -> CustomMetricConfig:
+        if self.kind == "info" and self.value is not None:
+            raise ValueError("an info metric takes no value column (its value is 1, its content the labels)")
+        if self.kind != "info" and not self.value:
+            raise ValueError(f"a {self.kind} needs `value`: the result column holding its value")
+        return self
+
+
+class CustomVariantConfig(_Strict):
+    """The SQL for one server version range ``[min_version, max_version)`` (server_version_num, e.g. 150000)."""
+
+    sql: str = Field(min_length=1)
+    min_version: int = Field(default=0, ge=0)
+    max_version: int = Field(default=_NO_UPPER_VERSION, gt=0)
+
+
+class CustomCollectorConfig(_Strict):
+    """A collector declared in the configuration, with the fields of a built-in declaration."""
+
+    name: str = Field(pattern=_NATIVE_NAME, max_length=120)
+    help: str = ""
+    sql: str | None = Field(default=None, min_length=1)  # one SQL for every version
+    variants: list[CustomVariantConfig] = Field(default_factory=list)  # or SQL per version range
+    scope: Literal["server", "database"] = "server"
+    role: Literal["any", "primary", "standby"] = "any"
+    interval: Duration = 30.0
+    timeout: Duration = 5.0
+    max_series: int = Field(default=1000, ge=1, le=100_000)
+    enabled: bool = True
+    metrics: list[CustomMetricConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _sql_and_timing(self) -> CustomCollectorConfig:
+        if (self.sql is None) == (not self.variants):
+            raise ValueError("give either `sql` or `variants` (SQL per version range), not both, not neither")
+        if self.timeout >= self.interval:
+            raise ValueError(f"timeout ({self.timeout:g}s) must be shorter than the interval ({self.interval:g}s)")
+        return self
+
+
+class QueriesFileConfig(_Strict):
+    """A postgres_exporter queries.yaml file, with how often and how long its queries may run."""
+
+    path: Path
+    interval: Duration = 30.0  # a query's cache_seconds, when longer, is its interval
+    timeout: Duration = 5.0
+    max_series: int = Field(default=10_000, ge=1, le=100_000)
+
+    @model_validator(mode="after")
+    def _timing(self) -> QueriesFileConfig:
+        if self.timeout >= self.interval:
+            raise ValueError(f"timeout ({self.timeout:g}s) must be shorter than the interval ({self.interval:g}s)")
+        return self
+
+
+def _file_entry(value: Any) -> Any:
+    """A bare path is the short form of ``{path: ...}``."""
+    return {"path": value} if isinstance(value, str) else value
+
+
+QueriesFile = Annotated[QueriesFileConfig, BeforeValidator(_file_entry)]
 
 
 class LogConfig(_Strict):
@@ -430,6 +511,9 @@ class Settings(_Strict):
     # Which metric names /metrics serves: ours, postgres_exporter's and pgbouncer_exporter's (exporter/compat.py),
     # or both (a name both use is served once).
     metric_names: Literal["native", "postgres_exporter", "both"] = "native"
+    queries_files: list[QueriesFile] = Field(default_factory=list)  # postgres_exporter's queries.yaml format
+    custom_collectors: list[CustomCollectorConfig] = Field(default_factory=list)
+    strict_custom: bool = False  # a custom metric named like a built-in one: error instead of skip + warning
 
     @field_validator("collectors", mode="before")
     @classmethod
@@ -489,9 +573,9 @@ def _unknown_key(loc: Loc) -> str:
     from exporter import catalog
 
     if len(loc) == 2 and loc[0] == "collectors":
-        return f"unknown collector (known: {', '.join(sorted(catalog.load().by_name))})"
-    if len(loc) == 3 and loc[0] == "collectors" and str(loc[1]) in catalog.load().by_name:
-        declared = catalog.load().by_name[str(loc[1])].param_defaults()
+        return f"unknown collector (known: {', '.join(sorted(catalog.Catalog.builtin().by_name))})"
+    if len(loc) == 3 and loc[0] == "collectors" and str(loc[1]) in catalog.Catalog.builtin().by_name:
+        declared = catalog.Catalog.builtin().by_name[str(loc[1])].param_defaults()
         return f"unknown key (parameters: {', '.join(sorted(declared)) or 'none'})"
     return "unknown key"
 
@@ -607,9 +691,24 @@ def load_settings(
     except ValidationError as exc:
         problems.extend((tuple(e["loc"]), _describe(e)) for e in exc.errors())
     problems.extend(_semantic_problems(data, environ))
+    if settings is not None and not problems:
+        from exporter import custom  # imports this module: only here, once the settings are valid
+
+        settings = _files_beside(settings, path)
+        problems.extend(custom.declaration_problems(settings))
     if problems or settings is None:
         raise ConfigError(_report(problems, lines))
     return settings
+
+
+def _files_beside(settings: Settings, config_path: Path | None) -> Settings:
+    """Relative queries file paths are read beside the configuration file, wherever pgvitals starts."""
+    if config_path is None or all(entry.path.is_absolute() for entry in settings.queries_files):
+        return settings
+    base = config_path.resolve().parent
+    files = [entry if entry.path.is_absolute() else entry.model_copy(update={"path": base / entry.path})
+             for entry in settings.queries_files]
+    return settings.model_copy(update={"queries_files": files})
 
 
 def _semantic_problems(data: Mapping[str, Any], environ: Mapping[str, str]) -> list[Problem]:
@@ -638,7 +737,7 @@ def _semantic_problems(data: Mapping[str, Any], environ: Mapping[str, str]) -> l
                 problems.append(((section, index), "give application_name, usename or client_addr to match sessions"))
     collectors = data.get("collectors")
     if isinstance(collectors, dict):
-        known = catalog_module.load().by_name
+        known = catalog_module.Catalog.builtin().by_name
         for name, override in collectors.items():
             if name in known and isinstance(override, dict):
                 problems.extend(_timeout_problems(("collectors", name), known[name], override))

@@ -14,8 +14,10 @@ from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers import SchedulerNotRunningError
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from exporter import __version__, catalog
+from exporter import __version__
+from exporter.catalog import Catalog
 from exporter.config import Settings
+from exporter.custom import build_catalog
 from exporter.engine import Engine, Probe, TargetRuntime
 from exporter.planner import Effective
 from exporter.server import MetricsServer
@@ -28,10 +30,11 @@ log = logging.getLogger("pgvitals.daemon")
 class Daemon:
     """Runs every collector of every target on its own interval and serves the snapshot."""
 
-    def __init__(self, settings: Settings, web: WebConfig | None = None):
+    def __init__(self, settings: Settings, web: WebConfig | None = None, catalog: Catalog | None = None):
         self.settings = settings
         self.web = web
-        self.catalog = catalog.load()
+        # The built-ins plus the user's declarations, passed on to snapshot and engine (never a global).
+        self.catalog = build_catalog(settings) if catalog is None else catalog
         self.snapshot = Snapshot(self.catalog, __version__)
         self.engine = Engine(self.catalog, settings, self.snapshot)
         workers = settings.workers or min(64, 4 + 2 * len(self.engine.targets))

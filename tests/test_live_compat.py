@@ -26,10 +26,10 @@ from exporter.catalog import load
 from exporter.compat import COMPAT
 from exporter.compat_docs import load_mixin
 from exporter.localpg import wait_until
-from tests.support.servers import Server, settings_for, start_server
-from tests.support.scrape import http_status, scrape
 from tests.support.exporters import running_exporter
 from tests.support.pgbouncer import PgBouncer, pgbouncer_available, start_pgbouncer
+from tests.support.scrape import http_status, scrape
+from tests.support.servers import Server, settings_for, start_server
 from tests.support.standby import Standby, start_standby
 from tests.test_e2e_prometheus import PROMETHEUS, Prometheus, collector_overrides, running_prometheus
 
