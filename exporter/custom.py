@@ -32,6 +32,7 @@ from exporter.catalog import (
     metric_problems,
     variant_problems,
 )
+from exporter.compat import exported_owners
 from exporter.config import (
     ConfigError,
     CustomCollectorConfig,
@@ -455,6 +456,8 @@ def _assemble(settings: Settings, base: Catalog) -> tuple[Catalog | None, list[P
     # A target's constant labels go on every series: a custom label of the same name would repeat it.
     constant = {label: endpoint.name for endpoint in (*settings.targets, *settings.pgbouncers)
                 for label in endpoint.labels}
+    # A name the built-ins already serve in the active naming mode (ours, postgres_exporter's or both) wins.
+    builtin_owners = exported_owners(base, settings.metric_names)
     for item in declared:
         collector = item.collector
         if collector.name in base.by_name:
@@ -468,7 +471,7 @@ def _assemble(settings: Settings, base: Catalog) -> tuple[Catalog | None, list[P
         at = f"{collector.origin}: " if collector.compat_names else ""
         for spec in collector.metrics:
             loc = item.metric_locs[spec.name]
-            owner = base.metric_owner.get(spec.name)
+            owner = builtin_owners.get(spec.name)
             if owner is not None:
                 if settings.strict_custom:
                     problems.append((loc, f"{at}metric {spec.name} is already exported by "

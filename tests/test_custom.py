@@ -292,3 +292,16 @@ def test_one_statement_passes(sql: str) -> None:
 def test_more_than_one_statement_is_refused(sql: str, message: str) -> None:
     problem = statement_problem(sql)
     assert problem is not None and message in problem
+
+
+def test_in_postgres_exporter_naming_their_names_we_derive_win_over_the_file() -> None:
+    native = _catalog(queries_files=[str(PE_FILE)])
+    compat = _catalog(queries_files=[str(PE_FILE)], metric_names="postgres_exporter")
+    both = _catalog(queries_files=[str(PE_FILE)], metric_names="both")
+    native_shadowed = {s.name for s in native.shadowed}
+    compat_shadowed = {s.name for s in compat.shadowed}
+    # Their vacuum columns of pg_stat_user_tables are derived from ours in postgres_exporter naming only:
+    # the file's would serve a second series of the same name there.
+    assert {"pg_stat_user_tables_last_vacuum", "pg_stat_user_tables_vacuum_count"} <= compat_shadowed - native_shadowed
+    assert "pg_stat_user_tables_vacuum_count" in native.metric_names()
+    assert compat_shadowed | native_shadowed == {s.name for s in both.shadowed}
