@@ -738,6 +738,8 @@ def load_settings(
     except ValidationError as exc:
         problems.extend((tuple(e["loc"]), _describe(e)) for e in exc.errors())
     problems.extend(_semantic_problems(data, environ))
+    if settings is not None:
+        problems.extend(_sequence_floor_problems(settings))
     if settings is not None and not problems:
         from exporter import custom  # imports this module: only here, once the settings are valid
 
@@ -789,6 +791,21 @@ def _semantic_problems(data: Mapping[str, Any], environ: Mapping[str, str]) -> l
             if name in known and isinstance(override, dict):
                 problems.extend(_timeout_problems(("collectors", name), known[name], override))
     return problems
+
+
+def _sequence_floor_problems(settings: Settings) -> list[Problem]:
+    """A sequence alert below the collector's floor would never see the sequences between the two."""
+    from exporter import catalog as catalog_module
+
+    rule = settings.alerts.sequences
+    override = settings.collectors.get("pg_sequences")
+    declared = catalog_module.Catalog.builtin().by_name["pg_sequences"].param_defaults()["floor"]
+    floor = float(((override.model_extra if override is not None else None) or {}).get("floor", declared))
+    if rule.enabled and rule.warning < floor:
+        return [(("alerts", "sequences", "warning"),
+                 f"{rule.warning:g} is below collectors.pg_sequences.floor ({floor:g}): sequences under the floor "
+                 "are not exported, so the alert would not see them (lower the floor or raise the threshold)")]
+    return []
 
 
 def _secret_problems(where: Loc, item: Mapping[str, Any], environ: Mapping[str, str]) -> list[Problem]:

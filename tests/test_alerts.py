@@ -522,6 +522,11 @@ def test_configuration_changes_thresholds_durations_and_switches() -> None:
     ({"long_query": {"seconds": "soon"}}, "alerts.long_query.seconds: expected a duration"),
     ({"lock_wait": {"for": -1}}, "alerts.lock_wait.for: must be a positive duration"),
     ({"slow_statement": {}}, "alerts.slow_statement: unknown key"),
+    ({"sequences": {"warning": 0.96, "critical": 0.95}}, "alerts.sequences: warning (0.96) must be below critical"),
+    ({"sequences": {"warning": 0.4}}, "alerts.sequences.warning: 0.4 is below collectors.pg_sequences.floor (0.5)"),
+    ({"restart": {"within": "soon"}}, "alerts.restart.within: expected a duration"),
+    ({"subscription_errors": {"count": -1}}, "alerts.subscription_errors.count: Input should be greater than or "
+                                             "equal to 0"),
     ({"bloat": {"min_table_bytes": -1}}, "alerts.bloat.min_table_bytes: Input should be greater than or equal to 0"),
     ({"labels": {"severity": "x", "bad-name": "y"}}, "alerts.labels: label name 'bad-name'"),
     ({"runbook_base_url": "docs/"}, "alerts.runbook_base_url: expected an absolute http:// or https:// URL"),
@@ -534,6 +539,23 @@ def test_bad_alert_configuration_is_reported_with_its_path(alerts: dict[str, Any
     with pytest.raises(ConfigError) as error:
         load_settings(raw={"targets": [{"name": "a", "dsn": "host=x"}], "alerts": alerts}, environ={})
     assert any(problem.startswith(message) for problem in error.value.problems), error.value.problems
+
+
+def test_sequence_thresholds_follow_the_collector_floor() -> None:
+    """Below the default floor is fine once the floor is lowered too; a floor raised above the warning is not."""
+    target = [{"name": "a", "dsn": "host=x"}]
+    settings = load_settings(raw={"targets": target, "collectors": {"pg_sequences": {"floor": 0.3}},
+                                  "alerts": {"sequences": {"warning": 0.4, "critical": 0.9}}}, environ={})
+    rules = {r.name: r.expr for r in alert_rules(settings)}
+    assert rules["PostgresSequenceNearExhaustion"] == "pg_sequence_used_ratio > 0.4"
+    assert rules["PostgresSequenceImminentExhaustion"] == "pg_sequence_used_ratio > 0.9"
+    with pytest.raises(ConfigError) as error:
+        load_settings(raw={"targets": target, "collectors": {"pg_sequences": {"floor": 0.85}}}, environ={})
+    assert error.value.problems == ["alerts.sequences.warning: 0.8 is below collectors.pg_sequences.floor (0.85): "
+                                    "sequences under the floor are not exported, so the alert would not see them "
+                                    "(lower the floor or raise the threshold)"]
+    load_settings(raw={"targets": target, "collectors": {"pg_sequences": {"floor": 0.85}},
+                       "alerts": {"sequences": {"enabled": False}}}, environ={})
 
 
 @pytest.mark.parametrize(("base", "expected"), [
