@@ -1,0 +1,142 @@
+"""End to end, logical replication: a real publisher and subscriber, pgvitals on the subscriber and a real
+Prometheus evaluating the generated rules. Each subscription alert fires for the condition that defines it (a
+frozen WAL sender, a disabled subscription, a conflict) and resolves once the condition is gone.
+
+The rule file is rendered from TEST_ALERTS (thresholds and `for` scaled down to seconds), as
+`pgvitals alerts --config` renders it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from exporter.alerts import render_rules
+from exporter.catalog import load
+from exporter.localpg import wait_until
+from tests.support.exporters import running_exporter
+from tests.support.logical import Pair, drop_subscription, logical_pair, paused_sender, subscribe
+from tests.support.prometheus import PROMETHEUS, Prometheus, running_prometheus
+from tests.support.servers import settings_for
+
+pytestmark = [pytest.mark.live, pytest.mark.slow, pytest.mark.family("subscriptions")]
+
+SUBSCRIPTION_COLLECTORS = ("pg_stat_subscription", "pg_stat_subscription_stats")
+SILENCE = 4.0  # seconds without a message from the publisher that fire PostgresSubscriptionSilent here
+TEST_ALERTS: dict[str, Any] = {
+    "rate_window": "10s",
+    "subscription_stopped": {"for": "2s"},
+    "subscription_errors": {"count": 0, "for": "2s"},
+    "subscription_silent": {"seconds": f"{SILENCE:g}s", "for": "1s"},
+}
+
+
+@dataclass
+class Stack:
+    pair: Pair
+    prometheus: Prometheus
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    if not PROMETHEUS.exists():
+        pytest.skip("needs /usr/bin/prometheus (scripts/setup installs it)")
+    with ExitStack() as cleanup:
+        pair = cleanup.enter_context(logical_pair())
+        collectors = {c.name: {"interval": "1s", "timeout": "0.8s"} if c.name in SUBSCRIPTION_COLLECTORS
+                      else {"enabled": False} for c in load().collectors}
+        settings = settings_for([{"name": "subscriber", "dsn": pair.subscriber.monitor_dsn}],
+                                collectors=collectors, probe_interval="1s", max_backoff="2s", alerts=TEST_ALERTS)
+        daemon = cleanup.enter_context(running_exporter(settings))
+        assert daemon.server is not None
+        prometheus = cleanup.enter_context(running_prometheus(daemon.server.port, render_rules(settings)))
+        wait_until(lambda: prometheus.query("pg_up == 1", time.time()), timeout=30)
+        yield Stack(pair, prometheus)
+
+
+def _series_seen(stack: Stack, expr: str) -> None:
+    wait_until(lambda: stack.prometheus.query(expr, time.time()), timeout=30, interval=0.25)
+
+
+def test_frozen_publisher_fires_subscription_silent(stack: Stack) -> None:
+    pair = stack.pair
+    subscribe(pair, "watch")
+    stop = threading.Event()
+
+    def write() -> None:  # a steady stream of changes: a healthy subscription hears from its publisher often
+        for key in itertools.count(100_000):
+            if stop.wait(0.2):
+                return
+            pair.publisher.execute(f"INSERT INTO items VALUES ({key}, 'stream')")
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    try:
+        _series_seen(stack, 'pg_subscription_last_message_age_seconds{subname="watch"}')
+        time.sleep(SILENCE + 2)  # past the threshold and `for`: a healthy stream fires nothing
+        assert not stack.prometheus.matching("PostgresSubscriptionSilent", subname="watch")
+        with paused_sender(pair, "watch"):
+            alert = stack.prometheus.wait_firing("PostgresSubscriptionSilent", subname="watch")
+            assert float(alert["value"]) > SILENCE
+            assert alert["labels"]["datname"] == "postgres" and alert["labels"]["target"] == "subscriber"
+            # Still connected, only silent: not stopped.
+            assert not stack.prometheus.matching("PostgresSubscriptionStopped", subname="watch")
+        stack.prometheus.wait_resolved("PostgresSubscriptionSilent", subname="watch")
+    finally:
+        stop.set()
+        writer.join(10)
+        drop_subscription(pair, "watch")
+
+
+def test_disabled_subscription_fires_subscription_stopped(stack: Stack) -> None:
+    pair = stack.pair
+    subscribe(pair, "sleepy")
+    try:
+        _series_seen(stack, 'pg_subscription_apply_workers{subname="sleepy"} == 1')
+        # Created a moment before its worker started, it may be pending: no longer once the worker runs.
+        stack.prometheus.wait_resolved("PostgresSubscriptionStopped", subname="sleepy", timeout=10)
+        pair.subscriber.execute("ALTER SUBSCRIPTION sleepy DISABLE")
+        alert = stack.prometheus.wait_firing("PostgresSubscriptionStopped", subname="sleepy")
+        assert float(alert["value"]) == 0  # pg_subscription_enabled: disabled, not a worker failing
+        assert alert["annotations"]["runbook_url"].endswith("#postgressubscriptionstopped")
+        pair.subscriber.execute("ALTER SUBSCRIPTION sleepy ENABLE")
+        stack.prometheus.wait_resolved("PostgresSubscriptionStopped", subname="sleepy")
+    finally:
+        drop_subscription(pair, "sleepy")
+
+
+def test_conflict_fires_subscription_errors(stack: Stack) -> None:
+    pair = stack.pair
+    if pair.subscriber.version_num < 150000:
+        pytest.skip("pg_stat_subscription_stats (the error counters) exists from PostgreSQL 15")
+    subscribe(pair, "clash")
+    try:
+        _series_seen(stack, 'pg_subscription_apply_errors_total{subname="clash"}')
+        # The same key on both sides: applying the publisher's insert violates the subscriber's primary key,
+        # and the worker fails on it again at every restart.
+        pair.subscriber.execute("INSERT INTO items VALUES (42, 'local')")
+        pair.publisher.execute("INSERT INTO items VALUES (42, 'remote')")
+        alert = stack.prometheus.wait_firing("PostgresSubscriptionErrors", subname="clash")
+        assert float(alert["value"]) >= 1
+        wait_until(lambda: pair.subscriber.execute(  # an error loop, not one error
+            "SELECT apply_error_count AS n FROM pg_stat_subscription_stats WHERE subname = 'clash'")[0]["n"] >= 2,
+            timeout=30, interval=0.25)
+        pair.subscriber.execute("DELETE FROM items WHERE id = 42")  # the conflict resolved: the change applies
+
+        def applied() -> bool:
+            rows = pair.subscriber.execute("SELECT note FROM items WHERE id = 42")
+            return bool(rows) and rows[0]["note"] == "remote"
+
+        wait_until(applied, timeout=30, interval=0.25)
+        stack.prometheus.wait_resolved("PostgresSubscriptionErrors", subname="clash")
+    finally:
+        drop_subscription(pair, "clash")
+        pair.subscriber.execute("DELETE FROM items WHERE id = 42")
+        pair.publisher.execute("DELETE FROM items WHERE id = 42")
