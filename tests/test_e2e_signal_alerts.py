@@ -1,9 +1,10 @@
-"""End to end, logical replication: a real publisher and subscriber, pgvitals on the subscriber and a real
-Prometheus evaluating the generated rules. Each subscription alert fires for the condition that defines it (a
-frozen WAL sender, a disabled subscription, a conflict) and resolves once the condition is gone.
+"""End to end, the alerts of issue 13 that need a server of their own: pgvitals and a real Prometheus evaluating
+the generated rules against a publisher/subscriber pair (a frozen WAL sender, a disabled subscription, a conflict)
+and against a server whose autovacuum workers are all kept busy. Each alert fires for the condition that defines
+it and resolves once the condition is gone.
 
-The rule file is rendered from TEST_ALERTS (thresholds and `for` scaled down to seconds), as
-`pgvitals alerts --config` renders it.
+The rule files are rendered from TEST_ALERTS (thresholds and `for` scaled down to seconds), as
+`pgvitals alerts --config` renders them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import itertools
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,9 +25,10 @@ from exporter.localpg import wait_until
 from tests.support.exporters import running_exporter
 from tests.support.logical import Pair, drop_subscription, logical_pair, paused_sender, subscribe
 from tests.support.prometheus import PROMETHEUS, Prometheus, running_prometheus
-from tests.support.servers import settings_for
+from tests.support.servers import Server, settings_for, start_server
+from tests.support.tables import big_table
 
-pytestmark = [pytest.mark.live, pytest.mark.slow, pytest.mark.family("subscriptions")]
+pytestmark = [pytest.mark.live, pytest.mark.slow]
 
 SUBSCRIPTION_COLLECTORS = ("pg_stat_subscription", "pg_stat_subscription_stats")
 SILENCE = 4.0  # seconds without a message from the publisher that fire PostgresSubscriptionSilent here
@@ -35,6 +37,7 @@ TEST_ALERTS: dict[str, Any] = {
     "subscription_stopped": {"for": "2s"},
     "subscription_errors": {"count": 0, "for": "2s"},
     "subscription_silent": {"seconds": f"{SILENCE:g}s", "for": "1s"},
+    "autovacuum_workers": {"for": "2s"},
 }
 
 
@@ -44,20 +47,27 @@ class Stack:
     prometheus: Prometheus
 
 
-@pytest.fixture(scope="module")
-def stack() -> Iterator[Stack]:
+@contextmanager
+def watched(server: Server, name: str, collectors: tuple[str, ...]) -> Iterator[Prometheus]:
+    """pgvitals running only ``collectors`` (every second) on ``server`` as target ``name``, scraped by Prometheus."""
     if not PROMETHEUS.exists():
         pytest.skip("needs /usr/bin/prometheus (scripts/setup installs it)")
+    overrides = {c.name: {"interval": "1s", "timeout": "0.8s"} if c.name in collectors else {"enabled": False}
+                 for c in load().collectors}
+    settings = settings_for([{"name": name, "dsn": server.monitor_dsn}], collectors=overrides, probe_interval="1s",
+                            max_backoff="2s", alerts=TEST_ALERTS)
+    with running_exporter(settings) as daemon:
+        assert daemon.server is not None
+        with running_prometheus(daemon.server.port, render_rules(settings)) as prometheus:
+            wait_until(lambda: prometheus.query("pg_up == 1", time.time()), timeout=30)
+            yield prometheus
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
     with ExitStack() as cleanup:
         pair = cleanup.enter_context(logical_pair())
-        collectors = {c.name: {"interval": "1s", "timeout": "0.8s"} if c.name in SUBSCRIPTION_COLLECTORS
-                      else {"enabled": False} for c in load().collectors}
-        settings = settings_for([{"name": "subscriber", "dsn": pair.subscriber.monitor_dsn}],
-                                collectors=collectors, probe_interval="1s", max_backoff="2s", alerts=TEST_ALERTS)
-        daemon = cleanup.enter_context(running_exporter(settings))
-        assert daemon.server is not None
-        prometheus = cleanup.enter_context(running_prometheus(daemon.server.port, render_rules(settings)))
-        wait_until(lambda: prometheus.query("pg_up == 1", time.time()), timeout=30)
+        prometheus = cleanup.enter_context(watched(pair.subscriber, "subscriber", SUBSCRIPTION_COLLECTORS))
         yield Stack(pair, prometheus)
 
 
@@ -65,6 +75,7 @@ def _series_seen(stack: Stack, expr: str) -> None:
     wait_until(lambda: stack.prometheus.query(expr, time.time()), timeout=30, interval=0.25)
 
 
+@pytest.mark.family("subscriptions")
 def test_frozen_publisher_fires_subscription_silent(stack: Stack) -> None:
     pair = stack.pair
     subscribe(pair, "watch")
@@ -95,6 +106,7 @@ def test_frozen_publisher_fires_subscription_silent(stack: Stack) -> None:
         drop_subscription(pair, "watch")
 
 
+@pytest.mark.family("subscriptions")
 def test_disabled_subscription_fires_subscription_stopped(stack: Stack) -> None:
     pair = stack.pair
     subscribe(pair, "sleepy")
@@ -112,6 +124,7 @@ def test_disabled_subscription_fires_subscription_stopped(stack: Stack) -> None:
         drop_subscription(pair, "sleepy")
 
 
+@pytest.mark.family("subscriptions")
 def test_conflict_fires_subscription_errors(stack: Stack) -> None:
     pair = stack.pair
     if pair.subscriber.version_num < 150000:
@@ -140,3 +153,25 @@ def test_conflict_fires_subscription_errors(stack: Stack) -> None:
         drop_subscription(pair, "clash")
         pair.subscriber.execute("DELETE FROM items WHERE id = 42")
         pair.publisher.execute("DELETE FROM items WHERE id = 42")
+
+
+@pytest.mark.family("maintenance")
+def test_every_autovacuum_worker_busy_fires_autovacuum_workers_busy() -> None:
+    server = start_server("autovacuum", settings={"autovacuum_naptime": "1", "autovacuum_max_workers": "2"})
+    try:
+        with watched(server, "autovacuum", ("pg_autovacuum_workers", "pg_settings")) as prometheus:
+            wait_until(lambda: prometheus.query("pg_settings_autovacuum_max_workers == 2", time.time())
+                       and prometheus.query("sum(pg_autovacuum_workers) == 0", time.time()), timeout=30)
+            time.sleep(3)  # longer than the `for`: idle workers fire nothing
+            assert not prometheus.matching("PostgresAutovacuumWorkersBusy")
+            # Three tables autovacuum crawls through (its own cost delay per table) keep both workers busy.
+            server.execute("CREATE DATABASE busy")
+            for name in ("a", "b", "c"):
+                big_table(server, "busy", name, autovacuum=True)
+            alert = prometheus.wait_firing("PostgresAutovacuumWorkersBusy", target="autovacuum", timeout=90)
+            assert float(alert["value"]) == 2
+            # DROP DATABASE stops the workers in it; no table is left to vacuum.
+            server.execute("DROP DATABASE busy")
+            prometheus.wait_resolved("PostgresAutovacuumWorkersBusy", target="autovacuum")
+    finally:
+        server.cluster.destroy()
