@@ -368,7 +368,7 @@ class SlotInactiveAlert(_AlertRule):
 
 
 class DurationAlert(_AlertRule):
-    """A session or wait older than ``seconds``."""
+    """A session, wait or silence longer than ``seconds``."""
 
     for_: PendingDuration = Field(default=60.0, alias="for")
     seconds: Duration = 300.0
@@ -380,11 +380,24 @@ class LockWaitAlert(DurationAlert):
     seconds: Duration = 30.0
 
 
-class DeadlockAlert(_AlertRule):
-    """Deadlocks within the rate window (fires above this count)."""
+class EventCountAlert(_AlertRule):
+    """Events (deadlocks, errors) within the rate window: fires above ``count``."""
 
     for_: PendingDuration = Field(default=0.0, alias="for")
     count: int = Field(default=0, ge=0)
+
+
+class SubscriptionErrorsAlert(EventCountAlert):
+    """A subscription's apply and sync errors; a publisher restart costs one or two, a conflict loops."""
+
+    for_: PendingDuration = Field(default=300.0, alias="for")
+    count: int = Field(default=2, ge=0)
+
+
+class SubscriptionSilentAlert(DurationAlert):
+    """No message from the publisher for ``seconds``; a healthy one sends keepalives every ~30 s."""
+
+    seconds: Duration = 120.0
 
 
 class SlowStatementsAlert(_AlertRule):
@@ -414,6 +427,33 @@ class WraparoundAlert(_TwoLevels):
 
     warning: float = _ratio(0.5)
     critical: float = _ratio(0.75)
+
+
+class SequenceAlert(_TwoLevels):
+    """Share of a sequence's usable range handed out (only sequences above the collector's floor are seen)."""
+
+    warning: float = _ratio(0.8)
+    critical: float = _ratio(0.95)
+
+
+class RestartAlert(_AlertRule):
+    """A server (postmaster) start seen within the last ``within``."""
+
+    for_: PendingDuration = Field(default=0.0, alias="for")
+    within: Duration = 600.0
+
+
+class UnusedIndexesAlert(_AlertRule):
+    """Unused indexes of a database above ``bytes``; long `for`: right after a stats reset nothing is scanned."""
+
+    for_: PendingDuration = Field(default=3600.0, alias="for")
+    bytes: int = Field(default=1 << 30, ge=0)
+
+
+class AutovacuumWorkersAlert(_AlertRule):
+    """Every autovacuum worker busy (tables queue for vacuum) for ``for``."""
+
+    for_: PendingDuration = Field(default=1800.0, alias="for")
 
 
 class CollectorFailingAlert(_AlertRule):
@@ -457,11 +497,18 @@ class AlertsConfig(_Strict):
     long_query: DurationAlert = Field(default_factory=DurationAlert)
     idle_in_transaction: DurationAlert = Field(default_factory=DurationAlert)
     lock_wait: LockWaitAlert = Field(default_factory=LockWaitAlert)
-    deadlocks: DeadlockAlert = Field(default_factory=DeadlockAlert)
+    deadlocks: EventCountAlert = Field(default_factory=EventCountAlert)
     slow_statements: SlowStatementsAlert = Field(default_factory=SlowStatementsAlert)
     cache_hit: CacheHitAlert = Field(default_factory=CacheHitAlert)
     bloat: BloatAlert = Field(default_factory=BloatAlert)
     wraparound: WraparoundAlert = Field(default_factory=WraparoundAlert)
+    restart: RestartAlert = Field(default_factory=RestartAlert)
+    sequences: SequenceAlert = Field(default_factory=SequenceAlert)
+    unused_indexes: UnusedIndexesAlert = Field(default_factory=UnusedIndexesAlert)
+    autovacuum_workers: AutovacuumWorkersAlert = Field(default_factory=AutovacuumWorkersAlert)
+    subscription_stopped: _AlertRule = Field(default_factory=_AlertRule)
+    subscription_errors: SubscriptionErrorsAlert = Field(default_factory=SubscriptionErrorsAlert)
+    subscription_silent: SubscriptionSilentAlert = Field(default_factory=SubscriptionSilentAlert)
     collector_failing: CollectorFailingAlert = Field(default_factory=CollectorFailingAlert)
     collector_stale: CollectorStaleAlert = Field(default_factory=CollectorStaleAlert)
     collector_denied: NoticeAlert = Field(default_factory=NoticeAlert)
@@ -691,6 +738,8 @@ def load_settings(
     except ValidationError as exc:
         problems.extend((tuple(e["loc"]), _describe(e)) for e in exc.errors())
     problems.extend(_semantic_problems(data, environ))
+    if settings is not None:
+        problems.extend(_sequence_floor_problems(settings))
     if settings is not None and not problems:
         from exporter import custom  # imports this module: only here, once the settings are valid
 
@@ -742,6 +791,21 @@ def _semantic_problems(data: Mapping[str, Any], environ: Mapping[str, str]) -> l
             if name in known and isinstance(override, dict):
                 problems.extend(_timeout_problems(("collectors", name), known[name], override))
     return problems
+
+
+def _sequence_floor_problems(settings: Settings) -> list[Problem]:
+    """A sequence alert below the collector's floor would never see the sequences between the two."""
+    from exporter import catalog as catalog_module
+
+    rule = settings.alerts.sequences
+    override = settings.collectors.get("pg_sequences")
+    declared = catalog_module.Catalog.builtin().by_name["pg_sequences"].param_defaults()["floor"]
+    floor = float(((override.model_extra if override is not None else None) or {}).get("floor", declared))
+    if rule.enabled and rule.warning < floor:
+        return [(("alerts", "sequences", "warning"),
+                 f"{rule.warning:g} is below collectors.pg_sequences.floor ({floor:g}): sequences under the floor "
+                 "are not exported, so the alert would not see them (lower the floor or raise the threshold)")]
+    return []
 
 
 def _secret_problems(where: Loc, item: Mapping[str, Any], environ: Mapping[str, str]) -> list[Problem]:

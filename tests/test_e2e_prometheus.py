@@ -3,6 +3,8 @@
 One condition at a time is created for real (a lock chain, a long query, an idle transaction, replay paused,
 a saturated application pool, PgBouncer clients queued, a failing archive_command, an abandoned slot, a server
 stopped); Prometheus' HTTP API must show the matching alert firing, then resolved once the condition is gone.
+Conditions built into the stack (a sequence at 96 % of its range, an unused index) and the restart of the
+stopped server must fire their alerts too.
 Every query of every generated dashboard is then evaluated against that Prometheus while one test holds those
 conditions at once, over that test's own window (it needs no earlier test): a query that returns nothing fails
 the test unless it is listed in NOT_FILLED with the reason.
@@ -13,41 +15,29 @@ durations and thresholds): the same code path as `pgvitals alerts --config`.
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
-import tempfile
 import threading
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager, suppress
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-import yaml
 
 from exporter.alerts import render_rules
-from exporter.catalog import load
 from exporter.dashboards import build_dashboards
-from exporter.localpg import free_port, wait_until
+from exporter.localpg import wait_until
 from tests.support.exporters import running_exporter
 from tests.support.pgbouncer import PgBouncer, pgbouncer_available, start_pgbouncer
+from tests.support.prometheus import PROMETHEUS, Prometheus, collector_overrides, running_prometheus
 from tests.support.promql_check import expand_variables
 from tests.support.servers import Server, settings_for, start_server
 from tests.support.standby import Standby, drop_slot, start_standby
 
 pytestmark = [pytest.mark.live, pytest.mark.slow]
 
-PROMETHEUS = Path("/usr/bin/prometheus")
-SCRAPE_INTERVAL = 1.0
 RATE_INTERVAL = "4s"  # Grafana: $__rate_interval is at least four scrape intervals
-FIRE_TIMEOUT = 40.0
-RESOLVE_TIMEOUT = 40.0
 POOL_CAPACITY = 4
 
 #: Thresholds and durations scaled down so that each condition fires within seconds.
@@ -65,9 +55,12 @@ TEST_ALERTS: dict[str, Any] = {
     "long_query": {"seconds": "3s", "for": "1s"},
     "idle_in_transaction": {"seconds": "3s", "for": "1s"},
     "lock_wait": {"seconds": "2s", "for": "1s"},
+    "sequences": {"for": "1s"},  # the default thresholds, 0.8 and 0.95
+    "unused_indexes": {"bytes": 0, "for": "1s"},
 }
 
 RESTRICTED_PASSWORD = "Restricted-Role-Pw-9"
+TICKET_VALUE = 960  # e2e_ticket's value, of 1..1000
 
 #: Panel queries allowed to stay empty in this scenario, and why.
 NOT_FILLED: dict[tuple[str, str], str] = {
@@ -79,89 +72,6 @@ NOT_FILLED: dict[tuple[str, str], str] = {
 }
 
 
-# -- Prometheus -------------------------------------------------------------------------------------------------
-
-@dataclass
-class Prometheus:
-    """A Prometheus server on a free port with a temporary data directory."""
-
-    url: str
-    process: subprocess.Popen[bytes]
-    base: Path
-
-    def get(self, path: str, **params: str) -> Any:
-        query = urllib.parse.urlencode(params)
-        with urllib.request.urlopen(f"{self.url}{path}?{query}", timeout=10) as response:
-            body = json.loads(response.read())
-        assert body["status"] == "success", body
-        return body["data"]
-
-    def alerts(self) -> list[dict[str, Any]]:
-        return list(self.get("/api/v1/alerts")["alerts"])
-
-    def matching(self, name: str, **labels: str) -> list[dict[str, Any]]:
-        return [a for a in self.alerts() if a["labels"].get("alertname") == name
-                and all(a["labels"].get(k) == v for k, v in labels.items())]
-
-    def wait_firing(self, name: str, timeout: float = FIRE_TIMEOUT, **labels: str) -> dict[str, Any]:
-        found: dict[str, Any] = wait_until(
-            lambda: next((a for a in self.matching(name, **labels) if a["state"] == "firing"), None),
-            timeout=timeout, interval=0.25)
-        return found
-
-    def wait_resolved(self, name: str, timeout: float = RESOLVE_TIMEOUT, **labels: str) -> None:
-        wait_until(lambda: not self.matching(name, **labels), timeout=timeout, interval=0.25)
-
-    def query_range(self, expr: str, start: float, end: float) -> list[dict[str, Any]]:
-        data = self.get("/api/v1/query_range", query=expr, start=f"{start:.3f}", end=f"{end:.3f}", step="1")
-        return list(data["result"])
-
-    def query(self, expr: str, at: float) -> list[dict[str, Any]]:
-        return list(self.get("/api/v1/query", query=expr, time=f"{at:.3f}")["result"])
-
-
-@contextmanager
-def running_prometheus(exporter_port: int, rules: str, job: str = "pgvitals",
-                       metric_relabel_configs: list[dict[str, Any]] | None = None) -> Iterator[Prometheus]:
-    base = Path(tempfile.mkdtemp(prefix="pgvitals-prometheus-"))
-    (base / "pgvitals.rules.yml").write_text(rules)
-    scrape: dict[str, Any] = {"job_name": job, "static_configs": [{"targets": [f"127.0.0.1:{exporter_port}"]}]}
-    if metric_relabel_configs:
-        scrape["metric_relabel_configs"] = metric_relabel_configs
-    config = {
-        "global": {"scrape_interval": f"{SCRAPE_INTERVAL:g}s", "evaluation_interval": "1s",
-                   "scrape_timeout": "900ms"},
-        "rule_files": [str(base / "pgvitals.rules.yml")],
-        "scrape_configs": [scrape],
-    }
-    (base / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    log = (base / "prometheus.log").open("wb")
-    process = subprocess.Popen(
-        [str(PROMETHEUS), f"--config.file={base / 'prometheus.yml'}", f"--storage.tsdb.path={base / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1d"],
-        stdout=log, stderr=subprocess.STDOUT)
-    prometheus = Prometheus(f"http://127.0.0.1:{port}", process, base)
-    try:
-        def ready() -> bool:
-            with suppress(OSError), urllib.request.urlopen(f"{prometheus.url}/-/ready", timeout=2) as response:
-                return response.status == 200
-            return False
-
-        wait_until(ready, timeout=30, interval=0.2)
-        groups = prometheus.get("/api/v1/rules")["groups"]
-        assert groups, (base / "prometheus.log").read_text()
-        yield prometheus
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
-        shutil.rmtree(base, ignore_errors=True)
-
-
 # -- the stack ----------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -170,22 +80,6 @@ class Stack:
     standby: Standby
     bouncer: PgBouncer
     prometheus: Prometheus
-
-
-def collector_overrides() -> dict[str, dict[str, Any]]:
-    """Every collector every second (the slow, heavy ones every few seconds)."""
-    out: dict[str, dict[str, Any]] = {}
-    for collector in load().collectors:
-        interval = 1.0
-        if collector.name in ("pg_bloat_estimate", "pg_bloat_measured", "pg_database_size"):
-            interval = 3.0
-        override: dict[str, Any] = {"interval": f"{interval:g}s", "timeout": f"{interval * 0.8:g}s"}
-        if collector.name == "pg_bloat_measured":
-            override.update({"relation_timeout_seconds": 1.0, "min_size_bytes": 65536})
-        if collector.name == "pg_bloat_estimate":
-            override["min_size_bytes"] = 65536
-        out[collector.name] = override
-    return out
 
 
 def _workload(primary: Server, stop: threading.Event) -> None:
@@ -217,9 +111,9 @@ def stack() -> Iterator[Stack]:
         primary.execute("VACUUM (ANALYZE) e2e_orders")
         primary.execute("CREATE TABLE e2e_events (id bigserial PRIMARY KEY, note text)")
         primary.execute("CREATE TABLE e2e_locked (id int)")
-        # An index no query uses, and a sequence 90 % through its range the monitor role may read.
+        # An index no query uses, and a sequence 96 % through its range (960 of 1..1000) the monitor role may read.
         primary.execute("CREATE INDEX e2e_orders_unused ON e2e_orders (id) WHERE v = 'never'")
-        primary.execute("CREATE SEQUENCE e2e_ticket MAXVALUE 1000; SELECT setval('e2e_ticket', 900); "
+        primary.execute(f"CREATE SEQUENCE e2e_ticket MAXVALUE 1000; SELECT setval('e2e_ticket', {TICKET_VALUE}); "
                         "GRANT SELECT ON SEQUENCE e2e_ticket TO pgvitals_mon")
         # The statistical estimate needs the role to see pg_stats of the table (see postgres-facts.md).
         primary.execute("GRANT SELECT ON e2e_orders, e2e_events, e2e_locked TO pgvitals_mon")
@@ -469,7 +363,28 @@ def test_abandoned_slot_fires_slot_inactive(stack: Stack) -> None:
     stack.prometheus.wait_resolved("PostgresReplicationSlotInactive", target="primary", slot_name="e2e_abandoned")
 
 
-def test_stopped_server_fires_postgres_down(stack: Stack) -> None:
+def test_sequence_at_96_percent_fires_both_exhaustion_alerts(stack: Stack) -> None:
+    """The issue's case, live: setval to 96 % of the range gives 0.96 ± 0.001 and both sequence alerts fire."""
+    labels = {"target": "primary", "datname": "postgres", "schemaname": "public", "sequencename": "e2e_ticket"}
+    critical = stack.prometheus.wait_firing("PostgresSequenceImminentExhaustion", **labels)
+    assert float(critical["value"]) == pytest.approx(0.96, abs=0.001)
+    assert critical["labels"]["severity"] == "critical"
+    assert critical["annotations"]["runbook_url"].endswith("#postgressequenceimminentexhaustion")
+    warning = stack.prometheus.wait_firing("PostgresSequenceNearExhaustion", **labels)
+    assert float(warning["value"]) == pytest.approx((TICKET_VALUE - 1) / (1000 - 1))
+    # The restricted role may not read the sequence: it is not measured there, so nothing fires for it.
+    assert not stack.prometheus.matching("PostgresSequenceNearExhaustion", target="restricted")
+
+
+def test_unused_index_fires_unused_indexes(stack: Stack) -> None:
+    alert = stack.prometheus.wait_firing("PostgresUnusedIndexes", target="primary", datname="postgres")
+    size = stack.primary.execute("SELECT relpages::bigint * current_setting('block_size')::bigint AS size "
+                                 "FROM pg_class WHERE relname = 'e2e_orders_unused'")[0]["size"]
+    assert float(alert["value"]) == size > 0  # the only non-unique index of the database, never scanned
+    assert alert["labels"]["severity"] == "info"
+
+
+def test_stopped_server_fires_postgres_down_then_restarted(stack: Stack) -> None:
     stack.standby.cluster.stop()
     try:
         alert = stack.prometheus.wait_firing("PostgresDown", target="replica")
@@ -478,6 +393,10 @@ def test_stopped_server_fires_postgres_down(stack: Stack) -> None:
         stack.standby.cluster.start()
     stack.prometheus.wait_resolved("PostgresDown", target="replica")
     stack.standby.wait_streaming()
+    restarted = stack.prometheus.wait_firing("PostgresRestarted", target="replica")
+    started = stack.standby.execute("SELECT extract(epoch FROM pg_postmaster_start_time())::float8 AS t")[0]["t"]
+    assert 0 < float(restarted["value"]) < time.time() - started + 5  # the uptime, seen a little earlier
+    assert not stack.prometheus.matching("PostgresRestarted", target="primary")
 
 
 # -- every dashboard panel has data ------------------------------------------------------------------------

@@ -28,10 +28,10 @@ from exporter.compat_docs import load_mixin
 from exporter.localpg import wait_until
 from tests.support.exporters import running_exporter
 from tests.support.pgbouncer import PgBouncer, pgbouncer_available, start_pgbouncer
+from tests.support.prometheus import PROMETHEUS, Prometheus, collector_overrides, running_prometheus
 from tests.support.scrape import http_status, scrape
 from tests.support.servers import Server, settings_for, start_server
 from tests.support.standby import Standby, start_standby
-from tests.test_e2e_prometheus import PROMETHEUS, Prometheus, collector_overrides, running_prometheus
 
 pytestmark = [pytest.mark.live, pytest.mark.slow]
 
