@@ -89,12 +89,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _probe_all(args: argparse.Namespace) -> tuple[object, int]:
+    from exporter.custom import build_catalog
     from exporter.engine import Engine
     from exporter.snapshot import Snapshot
 
     settings = _settings(args)
     setup_logging(args.log_level or settings.log.level, settings.log.format)
-    cat = catalog.load()
+    cat = build_catalog(settings)
     engine = Engine(cat, settings, Snapshot(cat, __version__))
     down = 0
     for runtime in engine.targets.values():
@@ -126,6 +127,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     engine, down = _probe_all(args)
     assert isinstance(engine, Engine)
     print(f"configuration OK: {len(engine.targets)} target(s)")
+    _print_custom(engine.catalog)
     for runtime in engine.targets.values():
         facts = runtime.facts
         if not runtime.up:
@@ -161,6 +163,21 @@ def cmd_check(args: argparse.Namespace) -> int:
                 print(f"  {name:<32} FAILED: {'; '.join(errors) or 'see log'}")
     engine.close()
     return EXIT_UNREACHABLE if down else 0
+
+
+def _print_custom(cat: catalog.Catalog) -> None:
+    """The user's collectors and the custom metrics left to a built-in of the same name (for `check`)."""
+    custom = cat.custom_collectors()
+    if not custom and not cat.shadowed:
+        return
+    print(f"custom collectors: {len(custom)} ({sum(len(c.metrics) for c in custom)} metrics)")
+    for collector in custom:
+        print(f"  {collector.name:<32} {collector.origin}: {', '.join(spec.name for spec in collector.metrics)}")
+    if cat.shadowed:
+        print(f"custom metrics skipped, a built-in metric has the name ({len(cat.shadowed)}; "
+              "strict_custom: true makes this an error):")
+        for item in cat.shadowed:
+            print(f"  {item.name:<40} from {item.origin}; exported by built-in collector {item.owner}")
 
 
 #: What `check` says for each reason a collector is skipped (catalog.SKIP_REASONS, all of them).
@@ -222,13 +239,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_docs(args: argparse.Namespace) -> int:
-    """Write docs/metrics.md from the catalog (and docs/compat.md in a checkout, where the mixin data is)."""
+    """Write docs/metrics.md from the built-in catalog (and docs/compat.md in a checkout, where the mixin data
+    is); with --config print the "custom" section instead."""
     from exporter.compat_docs import MIXIN_FILE, compat_markdown, load_mixin
-    from exporter.docs import metrics_markdown
+    from exporter.docs import custom_markdown, metrics_markdown
 
+    if args.config:
+        from exporter.custom import build_catalog
+
+        sys.stdout.write(custom_markdown(build_catalog(load_settings(Path(args.config)))))
+        return 0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(metrics_markdown(catalog.load()), encoding="utf-8")
+    out.write_text(metrics_markdown(catalog.Catalog.builtin()), encoding="utf-8")
     print(f"wrote {out}")
     if args.compat_out and MIXIN_FILE.exists():
         compat_out = Path(args.compat_out)
@@ -319,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     docs.add_argument("--out", default="docs/metrics.md")
     docs.add_argument("--compat-out", default="docs/compat.md",
                       help="postgres_exporter name reference (written in a checkout, from tests/data)")
+    docs.add_argument("-c", "--config", help="YAML configuration whose custom collectors and queries files to "
+                      "document: prints their \"custom\" section to stdout (docs/metrics.md stays built-in only)")
     docs.set_defaults(func=cmd_docs)
     dashboards = sub.add_parser("dashboards", help="generate Grafana dashboards", description="Write the Grafana "
                                 "dashboards (JSON) and provisioning files; thresholds from the `alerts:` section "

@@ -338,6 +338,17 @@ NOT_PROVIDED: tuple[NotProvided, ...] = (
 )
 
 
+def exported_owners(catalog: Catalog, naming: Naming, table: Iterable[CompatMetric] = COMPAT) -> dict[str, str]:
+    """Each metric name served in ``naming`` mode, with the collector whose rows it comes from."""
+    owners = dict(catalog.metric_owner) if naming != "postgres_exporter" else {}
+    if naming != "native":
+        for entry in table:
+            owner = catalog.metric_owner.get(entry.source)
+            if owner is not None:
+                owners.setdefault(entry.name, owner)
+    return owners
+
+
 def validate(catalog: Catalog, table: Iterable[CompatMetric] = COMPAT) -> tuple[CompatMetric, ...]:
     """Check each declaration against the catalog; raise CatalogError listing every problem."""
     problems: list[str] = []

@@ -89,7 +89,7 @@ def reserved_label_names() -> frozenset[str]:
     """Label names pgvitals sets itself: ``target`` and every label of every metric in the catalog."""
     from exporter import catalog
 
-    return frozenset({"target"} | {label for spec in catalog.load().metrics() for label in spec.labels})
+    return frozenset({"target"} | {label for spec in catalog.Catalog.builtin().metrics() for label in spec.labels})
 
 
 def _check_labels(value: dict[str, str]) -> dict[str, str]:
@@ -181,7 +181,7 @@ def collector_settings_model(name: str) -> type[CollectorSettings]:
     from exporter import catalog
 
     fields: dict[str, Any] = {}
-    for param in catalog.load().by_name[name].params:
+    for param in catalog.Catalog.builtin().by_name[name].params:
         kind: Any = type(param.default)
         minimum = 0 if kind in (int, float) else None  # counts, sizes and seconds: never negative
         # Strict: YAML already gives typed values, and `top_n: true` or `query_text: 1` is a mistake.
@@ -197,8 +197,89 @@ def collectors_section_model() -> type[BaseModel]:
     """A model of the ``collectors:`` section: one optional entry per catalog collector, nothing else."""
     from exporter import catalog
 
-    fields: dict[str, Any] = {name: (collector_settings_model(name) | None, None) for name in catalog.load().by_name}
+    builtin = catalog.Catalog.builtin().by_name
+    fields: dict[str, Any] = {name: (collector_settings_model(name) | None, None) for name in builtin}
     return create_model("collectors_section", __base__=_Strict, __doc__="collectors", **fields)
+
+
+_NATIVE_NAME = r"^[a-z_][a-z0-9_]*$"
+#: The top of the version space custom variants may name (catalog.VERSION_INFINITY; config imports no catalog).
+_NO_UPPER_VERSION = 10**9
+
+
+class CustomMetricConfig(_Strict):
+    """One metric of a custom collector: as a built-in declaration (exporter.catalog.MetricSpec)."""
+
+    name: str = Field(pattern=_NATIVE_NAME, max_length=200)
+    kind: Literal["counter", "gauge", "info"] = "gauge"
+    value: str | None = None  # the result column holding the value; none for an info metric
+    labels: list[str] = Field(default_factory=list)  # result columns that become labels
+    help: str = Field(min_length=1)
+    unit: str = ""
+    scale: float = 1.0
+
+    @model_validator(mode="after")
+    def _value_column(self) -> CustomMetricConfig:
+        if self.kind == "info" and self.value is not None:
+            raise ValueError("an info metric takes no value column (its value is 1, its content the labels)")
+        if self.kind != "info" and not self.value:
+            raise ValueError(f"a {self.kind} needs `value`: the result column holding its value")
+        return self
+
+
+class CustomVariantConfig(_Strict):
+    """The SQL for one server version range ``[min_version, max_version)`` (server_version_num, e.g. 150000)."""
+
+    sql: str = Field(min_length=1)
+    min_version: int = Field(default=0, ge=0)
+    max_version: int = Field(default=_NO_UPPER_VERSION, gt=0)
+
+
+class CustomCollectorConfig(_Strict):
+    """A collector declared in the configuration, with the fields of a built-in declaration."""
+
+    name: str = Field(pattern=_NATIVE_NAME, max_length=120)
+    help: str = ""
+    sql: str | None = Field(default=None, min_length=1)  # one SQL for every version
+    variants: list[CustomVariantConfig] = Field(default_factory=list)  # or SQL per version range
+    scope: Literal["server", "database"] = "server"
+    role: Literal["any", "primary", "standby"] = "any"
+    interval: Duration = 30.0
+    timeout: Duration = 5.0
+    max_series: int = Field(default=1000, ge=1, le=100_000)
+    enabled: bool = True
+    metrics: list[CustomMetricConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _sql_and_timing(self) -> CustomCollectorConfig:
+        if (self.sql is None) == (not self.variants):
+            raise ValueError("give either `sql` or `variants` (SQL per version range), not both, not neither")
+        if self.timeout >= self.interval:
+            raise ValueError(f"timeout ({self.timeout:g}s) must be shorter than the interval ({self.interval:g}s)")
+        return self
+
+
+class QueriesFileConfig(_Strict):
+    """A postgres_exporter queries.yaml file, with how often and how long its queries may run."""
+
+    path: Path
+    interval: Duration = 30.0  # a query's cache_seconds, when longer, is its interval
+    timeout: Duration = 5.0
+    max_series: int = Field(default=10_000, ge=1, le=100_000)
+
+    @model_validator(mode="after")
+    def _timing(self) -> QueriesFileConfig:
+        if self.timeout >= self.interval:
+            raise ValueError(f"timeout ({self.timeout:g}s) must be shorter than the interval ({self.interval:g}s)")
+        return self
+
+
+def _file_entry(value: Any) -> Any:
+    """A bare path is the short form of ``{path: ...}``."""
+    return {"path": value} if isinstance(value, str) else value
+
+
+QueriesFile = Annotated[QueriesFileConfig, BeforeValidator(_file_entry)]
 
 
 class LogConfig(_Strict):
@@ -288,7 +369,7 @@ class SlotInactiveAlert(_AlertRule):
 
 
 class DurationAlert(_AlertRule):
-    """A session or wait older than ``seconds``."""
+    """A session, wait or silence longer than ``seconds``."""
 
     for_: PendingDuration = Field(default=60.0, alias="for")
     seconds: Duration = 300.0
@@ -300,11 +381,24 @@ class LockWaitAlert(DurationAlert):
     seconds: Duration = 30.0
 
 
-class DeadlockAlert(_AlertRule):
-    """Deadlocks within the rate window (fires above this count)."""
+class EventCountAlert(_AlertRule):
+    """Events (deadlocks, errors) within the rate window: fires above ``count``."""
 
     for_: PendingDuration = Field(default=0.0, alias="for")
     count: int = Field(default=0, ge=0)
+
+
+class SubscriptionErrorsAlert(EventCountAlert):
+    """A subscription's apply and sync errors; a publisher restart costs one or two, a conflict loops."""
+
+    for_: PendingDuration = Field(default=300.0, alias="for")
+    count: int = Field(default=2, ge=0)
+
+
+class SubscriptionSilentAlert(DurationAlert):
+    """No message from the publisher for ``seconds``; a healthy one sends keepalives every ~30 s."""
+
+    seconds: Duration = 120.0
 
 
 class SlowStatementsAlert(_AlertRule):
@@ -334,6 +428,33 @@ class WraparoundAlert(_TwoLevels):
 
     warning: float = _ratio(0.5)
     critical: float = _ratio(0.75)
+
+
+class SequenceAlert(_TwoLevels):
+    """Share of a sequence's usable range handed out (only sequences above the collector's floor are seen)."""
+
+    warning: float = _ratio(0.8)
+    critical: float = _ratio(0.95)
+
+
+class RestartAlert(_AlertRule):
+    """A server (postmaster) start seen within the last ``within``."""
+
+    for_: PendingDuration = Field(default=0.0, alias="for")
+    within: Duration = 600.0
+
+
+class UnusedIndexesAlert(_AlertRule):
+    """Unused indexes of a database above ``bytes``; long `for`: right after a stats reset nothing is scanned."""
+
+    for_: PendingDuration = Field(default=3600.0, alias="for")
+    bytes: int = Field(default=1 << 30, ge=0)
+
+
+class AutovacuumWorkersAlert(_AlertRule):
+    """Every autovacuum worker busy (tables queue for vacuum) for ``for``."""
+
+    for_: PendingDuration = Field(default=1800.0, alias="for")
 
 
 class CollectorFailingAlert(_AlertRule):
@@ -377,11 +498,18 @@ class AlertsConfig(_Strict):
     long_query: DurationAlert = Field(default_factory=DurationAlert)
     idle_in_transaction: DurationAlert = Field(default_factory=DurationAlert)
     lock_wait: LockWaitAlert = Field(default_factory=LockWaitAlert)
-    deadlocks: DeadlockAlert = Field(default_factory=DeadlockAlert)
+    deadlocks: EventCountAlert = Field(default_factory=EventCountAlert)
     slow_statements: SlowStatementsAlert = Field(default_factory=SlowStatementsAlert)
     cache_hit: CacheHitAlert = Field(default_factory=CacheHitAlert)
     bloat: BloatAlert = Field(default_factory=BloatAlert)
     wraparound: WraparoundAlert = Field(default_factory=WraparoundAlert)
+    restart: RestartAlert = Field(default_factory=RestartAlert)
+    sequences: SequenceAlert = Field(default_factory=SequenceAlert)
+    unused_indexes: UnusedIndexesAlert = Field(default_factory=UnusedIndexesAlert)
+    autovacuum_workers: AutovacuumWorkersAlert = Field(default_factory=AutovacuumWorkersAlert)
+    subscription_stopped: _AlertRule = Field(default_factory=_AlertRule)
+    subscription_errors: SubscriptionErrorsAlert = Field(default_factory=SubscriptionErrorsAlert)
+    subscription_silent: SubscriptionSilentAlert = Field(default_factory=SubscriptionSilentAlert)
     collector_failing: CollectorFailingAlert = Field(default_factory=CollectorFailingAlert)
     collector_stale: CollectorStaleAlert = Field(default_factory=CollectorStaleAlert)
     collector_denied: NoticeAlert = Field(default_factory=NoticeAlert)
@@ -488,6 +616,9 @@ class Settings(_Strict):
     # Which metric names /metrics serves: ours, postgres_exporter's and pgbouncer_exporter's (exporter/compat.py),
     # or both (a name both use is served once).
     metric_names: Literal["native", "postgres_exporter", "both"] = "native"
+    queries_files: list[QueriesFile] = Field(default_factory=list)  # postgres_exporter's queries.yaml format
+    custom_collectors: list[CustomCollectorConfig] = Field(default_factory=list)
+    strict_custom: bool = False  # a custom metric named like a built-in one: error instead of skip + warning
 
     @field_validator("collectors", mode="before")
     @classmethod
@@ -547,9 +678,9 @@ def _unknown_key(loc: Loc) -> str:
     from exporter import catalog
 
     if len(loc) == 2 and loc[0] == "collectors":
-        return f"unknown collector (known: {', '.join(sorted(catalog.load().by_name))})"
-    if len(loc) == 3 and loc[0] == "collectors" and str(loc[1]) in catalog.load().by_name:
-        declared = catalog.load().by_name[str(loc[1])].param_defaults()
+        return f"unknown collector (known: {', '.join(sorted(catalog.Catalog.builtin().by_name))})"
+    if len(loc) == 3 and loc[0] == "collectors" and str(loc[1]) in catalog.Catalog.builtin().by_name:
+        declared = catalog.Catalog.builtin().by_name[str(loc[1])].param_defaults()
         return f"unknown key (parameters: {', '.join(sorted(declared)) or 'none'})"
     return "unknown key"
 
@@ -688,9 +819,26 @@ def load_settings(
     except ValidationError as exc:
         problems.extend((tuple(e["loc"]), _describe(e)) for e in exc.errors())
     problems.extend(_semantic_problems(data, environ))
+    if settings is not None:
+        problems.extend(_sequence_floor_problems(settings))
+    if settings is not None and not problems:
+        from exporter import custom  # imports this module: only here, once the settings are valid
+
+        settings = _files_beside(settings, path)
+        problems.extend(custom.declaration_problems(settings))
     if problems or settings is None:
         raise ConfigError(_report(problems, lines))
     return settings
+
+
+def _files_beside(settings: Settings, config_path: Path | None) -> Settings:
+    """Relative queries file paths are read beside the configuration file, wherever pgvitals starts."""
+    if config_path is None or all(entry.path.is_absolute() for entry in settings.queries_files):
+        return settings
+    base = config_path.resolve().parent
+    files = [entry if entry.path.is_absolute() else entry.model_copy(update={"path": base / entry.path})
+             for entry in settings.queries_files]
+    return settings.model_copy(update={"queries_files": files})
 
 
 def _semantic_problems(data: Mapping[str, Any], environ: Mapping[str, str]) -> list[Problem]:
@@ -724,11 +872,26 @@ def _semantic_problems(data: Mapping[str, Any], environ: Mapping[str, str]) -> l
                 problems.extend(_secret_problems(("auth_modules", module_name), module, environ))
     collectors = data.get("collectors")
     if isinstance(collectors, dict):
-        known = catalog_module.load().by_name
+        known = catalog_module.Catalog.builtin().by_name
         for name, override in collectors.items():
             if name in known and isinstance(override, dict):
                 problems.extend(_timeout_problems(("collectors", name), known[name], override))
     return problems
+
+
+def _sequence_floor_problems(settings: Settings) -> list[Problem]:
+    """A sequence alert below the collector's floor would never see the sequences between the two."""
+    from exporter import catalog as catalog_module
+
+    rule = settings.alerts.sequences
+    override = settings.collectors.get("pg_sequences")
+    declared = catalog_module.Catalog.builtin().by_name["pg_sequences"].param_defaults()["floor"]
+    floor = float(((override.model_extra if override is not None else None) or {}).get("floor", declared))
+    if rule.enabled and rule.warning < floor:
+        return [(("alerts", "sequences", "warning"),
+                 f"{rule.warning:g} is below collectors.pg_sequences.floor ({floor:g}): sequences under the floor "
+                 "are not exported, so the alert would not see them (lower the floor or raise the threshold)")]
+    return []
 
 
 def _secret_problems(where: Loc, item: Mapping[str, Any], environ: Mapping[str, str]) -> list[Problem]:

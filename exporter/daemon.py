@@ -17,9 +17,11 @@ from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers import SchedulerNotRunningError
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from exporter import __version__, catalog, shards
+from exporter import __version__, shards
 from exporter import dynamic as dynamic_targets
+from exporter.catalog import Catalog
 from exporter.config import PgBouncerConfig, Settings, TargetConfig
+from exporter.custom import build_catalog
 from exporter.engine import Engine, Probe, TargetRuntime
 from exporter.planner import Effective
 from exporter.server import MetricsServer, probe_snapshot
@@ -40,10 +42,11 @@ class Daemon:
     reload, or targets discovered by Prometheus), from any thread.
     """
 
-    def __init__(self, settings: Settings, web: WebConfig | None = None):
+    def __init__(self, settings: Settings, web: WebConfig | None = None, catalog: Catalog | None = None):
         self.settings = settings
         self.web = web
-        self.catalog = catalog.load()
+        # The built-ins plus the user's declarations, passed on to snapshot and engine (never a global).
+        self.catalog = build_catalog(settings) if catalog is None else catalog
         self.snapshot = Snapshot(self.catalog, __version__)
         self.engine = Engine(self.catalog, settings, self.snapshot)
         # Room for the targets /probe may register, when an auth module lets it.

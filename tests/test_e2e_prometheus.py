@@ -3,6 +3,8 @@
 One condition at a time is created for real (a lock chain, a long query, an idle transaction, replay paused,
 a saturated application pool, PgBouncer clients queued, a failing archive_command, an abandoned slot, a server
 stopped); Prometheus' HTTP API must show the matching alert firing, then resolved once the condition is gone.
+Conditions built into the stack (a sequence at 96 % of its range, an unused index) and the restart of the
+stopped server must fire their alerts too.
 Every query of every generated dashboard is then evaluated against that Prometheus while one test holds those
 conditions at once, over that test's own window (it needs no earlier test): a query that returns nothing fails
 the test unless it is listed in NOT_FILLED with the reason.
@@ -53,9 +55,12 @@ TEST_ALERTS: dict[str, Any] = {
     "long_query": {"seconds": "3s", "for": "1s"},
     "idle_in_transaction": {"seconds": "3s", "for": "1s"},
     "lock_wait": {"seconds": "2s", "for": "1s"},
+    "sequences": {"for": "1s"},  # the default thresholds, 0.8 and 0.95
+    "unused_indexes": {"bytes": 0, "for": "1s"},
 }
 
 RESTRICTED_PASSWORD = "Restricted-Role-Pw-9"
+TICKET_VALUE = 960  # e2e_ticket's value, of 1..1000
 
 #: Panel queries allowed to stay empty in this scenario, and why.
 NOT_FILLED: dict[tuple[str, str], str] = {
@@ -106,9 +111,9 @@ def stack() -> Iterator[Stack]:
         primary.execute("VACUUM (ANALYZE) e2e_orders")
         primary.execute("CREATE TABLE e2e_events (id bigserial PRIMARY KEY, note text)")
         primary.execute("CREATE TABLE e2e_locked (id int)")
-        # An index no query uses, and a sequence 90 % through its range the monitor role may read.
+        # An index no query uses, and a sequence 96 % through its range (960 of 1..1000) the monitor role may read.
         primary.execute("CREATE INDEX e2e_orders_unused ON e2e_orders (id) WHERE v = 'never'")
-        primary.execute("CREATE SEQUENCE e2e_ticket MAXVALUE 1000; SELECT setval('e2e_ticket', 900); "
+        primary.execute(f"CREATE SEQUENCE e2e_ticket MAXVALUE 1000; SELECT setval('e2e_ticket', {TICKET_VALUE}); "
                         "GRANT SELECT ON SEQUENCE e2e_ticket TO pgvitals_mon")
         # The statistical estimate needs the role to see pg_stats of the table (see postgres-facts.md).
         primary.execute("GRANT SELECT ON e2e_orders, e2e_events, e2e_locked TO pgvitals_mon")
@@ -358,7 +363,28 @@ def test_abandoned_slot_fires_slot_inactive(stack: Stack) -> None:
     stack.prometheus.wait_resolved("PostgresReplicationSlotInactive", target="primary", slot_name="e2e_abandoned")
 
 
-def test_stopped_server_fires_postgres_down(stack: Stack) -> None:
+def test_sequence_at_96_percent_fires_both_exhaustion_alerts(stack: Stack) -> None:
+    """The issue's case, live: setval to 96 % of the range gives 0.96 ± 0.001 and both sequence alerts fire."""
+    labels = {"target": "primary", "datname": "postgres", "schemaname": "public", "sequencename": "e2e_ticket"}
+    critical = stack.prometheus.wait_firing("PostgresSequenceImminentExhaustion", **labels)
+    assert float(critical["value"]) == pytest.approx(0.96, abs=0.001)
+    assert critical["labels"]["severity"] == "critical"
+    assert critical["annotations"]["runbook_url"].endswith("#postgressequenceimminentexhaustion")
+    warning = stack.prometheus.wait_firing("PostgresSequenceNearExhaustion", **labels)
+    assert float(warning["value"]) == pytest.approx((TICKET_VALUE - 1) / (1000 - 1))
+    # The restricted role may not read the sequence: it is not measured there, so nothing fires for it.
+    assert not stack.prometheus.matching("PostgresSequenceNearExhaustion", target="restricted")
+
+
+def test_unused_index_fires_unused_indexes(stack: Stack) -> None:
+    alert = stack.prometheus.wait_firing("PostgresUnusedIndexes", target="primary", datname="postgres")
+    size = stack.primary.execute("SELECT relpages::bigint * current_setting('block_size')::bigint AS size "
+                                 "FROM pg_class WHERE relname = 'e2e_orders_unused'")[0]["size"]
+    assert float(alert["value"]) == size > 0  # the only non-unique index of the database, never scanned
+    assert alert["labels"]["severity"] == "info"
+
+
+def test_stopped_server_fires_postgres_down_then_restarted(stack: Stack) -> None:
     stack.standby.cluster.stop()
     try:
         alert = stack.prometheus.wait_firing("PostgresDown", target="replica")
@@ -367,6 +393,10 @@ def test_stopped_server_fires_postgres_down(stack: Stack) -> None:
         stack.standby.cluster.start()
     stack.prometheus.wait_resolved("PostgresDown", target="replica")
     stack.standby.wait_streaming()
+    restarted = stack.prometheus.wait_firing("PostgresRestarted", target="replica")
+    started = stack.standby.execute("SELECT extract(epoch FROM pg_postmaster_start_time())::float8 AS t")[0]["t"]
+    assert 0 < float(restarted["value"]) < time.time() - started + 5  # the uptime, seen a little earlier
+    assert not stack.prometheus.matching("PostgresRestarted", target="primary")
 
 
 # -- every dashboard panel has data ------------------------------------------------------------------------

@@ -35,14 +35,15 @@ class Runner:
     def __init__(self, server: Server, only: list[str] | None = None, targets: list[dict[str, Any]] | None = None,
                  monitor: bool = True, strict: bool = False, **settings: Any) -> None:
         from exporter import __version__
-        from exporter.catalog import load
+        from exporter.custom import build_catalog
         from exporter.engine import Engine
         from exporter.snapshot import Snapshot
 
-        catalog = load()
         targets = targets or [{"name": "main", "dsn": server.dsn(monitor=monitor)}]
+        config = settings_for(targets, **settings)
+        catalog = build_catalog(config)  # the built-ins plus any queries_files / custom_collectors given
         self.snapshot = Snapshot(catalog, __version__)
-        self.engine = Engine(catalog, settings_for(targets, **settings), self.snapshot)
+        self.engine = Engine(catalog, config, self.snapshot)
         self.only = only
         self.strict = strict
 

@@ -1,4 +1,4 @@
-"""A real Prometheus for the end-to-end tests: started on a free port with our rules, scraping the exporter."""
+"""A real Prometheus for the end-to-end tests: scrapes one exporter, evaluates a rule file, answers queries."""
 
 from __future__ import annotations
 
