@@ -274,12 +274,17 @@ COLLECTOR_DATA_AGE = _self_metric(
     ("collector",),
     "seconds",
 )
+SHARD_TARGETS = MetricSpec(
+    name="pgvitals_shard_targets", kind="gauge",
+    help="Configured targets (PostgreSQL and PgBouncer) this process polls as shard `shard` of `shards` "
+         "(shard 0 of 1 when the configuration has no shard:).",
+    labels=("shard", "shards"), per_target=False)
 BUILD_INFO = MetricSpec(name="pgvitals_build_info", kind="info", help="pgvitals build information (value 1).",
                         labels=("version",), per_target=False)
 SELF_METRICS: tuple[MetricSpec, ...] = (
     PG_UP, PGBOUNCER_UP, PG_UP_REASON, PGBOUNCER_UP_REASON, DATABASE_UNAVAILABLE, COLLECTOR_DENIED,
     COLLECTOR_SUCCESS, COLLECTOR_DURATION, COLLECTOR_LAST_SUCCESS, COLLECTOR_ERRORS,
-    COLLECTOR_SERIES, COLLECTOR_SKIPPED, COLLECTOR_DATA_AGE, BUILD_INFO,
+    COLLECTOR_SERIES, COLLECTOR_SKIPPED, COLLECTOR_DATA_AGE, SHARD_TARGETS, BUILD_INFO,
 )
 
 

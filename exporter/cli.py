@@ -1,4 +1,4 @@
-"""Command line: run | once | check | demo | docs | dashboards | alerts."""
+"""Command line: run | once | check | demo | docs | dashboards | alerts | kubernetes."""
 
 from __future__ import annotations
 
@@ -56,7 +56,16 @@ def _settings(args: argparse.Namespace) -> Settings:
     raw = None
     if getattr(args, "dsn", None):
         raw = {"targets": [{"name": args.name, "dsn": args.dsn}]}
-    return load_settings(Path(args.config) if args.config else None, raw=raw)
+    overrides = {"shard": args.shard} if getattr(args, "shard", None) else None
+    return load_settings(Path(args.config) if args.config else None, raw=raw, overrides=overrides)
+
+
+def shard_argument(text: str) -> dict[str, int | str]:
+    """``--shard I/N`` (or ``auto/N``: the StatefulSet pod ordinal in the hostname) as the ``shard:`` section."""
+    index, sep, count = text.partition("/")
+    if not sep or not count.isdigit() or not (index.isdigit() or index == "auto"):
+        raise argparse.ArgumentTypeError(f"expected INDEX/COUNT or auto/COUNT, e.g. 1/3, not {text!r}")
+    return {"index": "hostname" if index == "auto" else int(index), "count": int(count)}
 
 
 def _config_failure(error: ConfigError, source: str | None) -> int:
@@ -276,6 +285,18 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kubernetes(args: argparse.Namespace) -> int:
+    """Write the generated Kubernetes manifests (PrometheusRule, dashboard ConfigMaps)."""
+    from exporter.kubernetes import generated_files
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in generated_files(_alerts_settings(args)).items():
+        (out / name).write_text(text, encoding="utf-8")
+        print(f"wrote {out / name}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every command."""
     parser = argparse.ArgumentParser(prog="pgvitals", description=__doc__ and "PostgreSQL exporter for Prometheus")
@@ -294,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     with_source(run, dsn=True)
     run.add_argument("--web.config.file", dest="web_config_file", metavar="FILE",
                      help="exporter-toolkit web config (TLS, basic auth, headers); overrides web_config_file")
+    run.add_argument("--shard", type=shard_argument, metavar="I/N",
+                     help="poll only the configured targets that fall to shard I of N (rendezvous hash of the "
+                     "target name); auto/N takes I from the StatefulSet pod ordinal in the hostname; overrides shard:")
     run.add_argument("--web.enable-lifecycle", dest="web_enable_lifecycle", action="store_true",
                      help="accept POST /-/reload (Prometheus' convention)")
     run.set_defaults(func=cmd_run)
@@ -333,6 +357,13 @@ def build_parser() -> argparse.ArgumentParser:
     alerts.add_argument("--out", default="alerts")
     alerts.add_argument("-c", "--config", help="YAML configuration file whose `alerts:` section to use")
     alerts.set_defaults(func=cmd_alerts)
+    kubernetes = sub.add_parser("kubernetes", help="generate the Kubernetes PrometheusRule and dashboard ConfigMaps",
+                                description="Write deploy/kubernetes/'s generated manifests: the rule file as a "
+                                "PrometheusRule and the dashboards as ConfigMaps for Grafana's sidecar; thresholds "
+                                "from the `alerts:` section of --config, defaults without it.")
+    kubernetes.add_argument("--out", default="deploy/kubernetes")
+    kubernetes.add_argument("-c", "--config", help="YAML configuration file whose `alerts:` section to use")
+    kubernetes.set_defaults(func=cmd_kubernetes)
     return parser
 
 

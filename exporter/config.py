@@ -6,13 +6,14 @@ import functools
 import ipaddress
 import os
 import re
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -535,6 +536,59 @@ class AlertsConfig(_Strict):
                          "(each rule links to <base>/runbooks.md#<alert>)")
 
 
+#: DSN keywords a probed target or an auth module's own fields give: not accepted among an auth module's options.
+AUTH_MODULE_OWN_KEYWORDS = frozenset({"host", "hostaddr", "port", "dbname", "user", "password", "passfile",
+                                      "sslmode"})
+SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+class AuthModule(_Strict):
+    """How to log in to a server Prometheus names in ``/probe?target=HOST:PORT/DB&auth_module=NAME``."""
+
+    user: str = Field(min_length=1)
+    password_file: Path | None = None
+    password_env: str | None = None
+    sslmode: str = "prefer"
+    options: dict[str, str] = Field(default_factory=dict)  # more libpq keywords (sslrootcert, options, ...)
+    # Shell globs of the HOST:PORT/DB a probe may name (the credentials go to whatever host is named).
+    allowed_targets: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
+    max_connections: int = Field(default=2, ge=1, le=20)
+    labels: ConstLabels = Field(default_factory=dict)
+
+    @field_validator("sslmode")
+    @classmethod
+    def _sslmode(cls, value: str) -> str:
+        if value not in SSLMODES:
+            raise ValueError(f"expected one of {', '.join(SSLMODES)}")
+        return value
+
+    @field_validator("options")
+    @classmethod
+    def _options(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if key in AUTH_MODULE_OWN_KEYWORDS:
+                raise ValueError(f"{key!r} is not an option here: the probed target gives host, port and dbname, "
+                                 "the auth module user, password_file/password_env and sslmode")
+        try:
+            conninfo_to_dict(make_conninfo(**value))  # libpq rejects an unknown keyword
+        except Exception:
+            raise ValueError("not valid libpq connection keywords") from None
+        return value
+
+
+class ShardConfig(_Strict):
+    """Which share of the configured targets this process polls (exporter/shards.py)."""
+
+    index: int = Field(ge=0)  # `hostname` in the YAML: the StatefulSet pod ordinal, resolved when loading
+    count: int = Field(ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _below_count(self) -> ShardConfig:
+        if self.index >= self.count:
+            raise ValueError(f"index {self.index} must be below count {self.count} (shards are 0..count-1)")
+        return self
+
+
 class Settings(_Strict):
     """The whole validated configuration."""
 
@@ -554,6 +608,10 @@ class Settings(_Strict):
     workers: int = Field(default=0, ge=0, le=256)  # 0: sized from the number of targets
     log: LogConfig = Field(default_factory=LogConfig)
     web_config_file: Path | None = None  # exporter-toolkit web config: TLS, basic auth (exporter/webconfig.py)
+    shard: ShardConfig | None = None  # None: this process polls every configured target
+    auth_modules: dict[Name, AuthModule] = Field(default_factory=dict)  # for /probe of unconfigured targets
+    dynamic_target_ttl: Duration = 600.0  # a target registered by /probe is dropped this long after its last probe
+    max_dynamic_targets: int = Field(default=100, ge=0, le=10_000)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     # Which metric names /metrics serves: ours, postgres_exporter's and pgbouncer_exporter's (exporter/compat.py),
     # or both (a name both use is served once).
@@ -713,12 +771,31 @@ def _report(problems: list[Problem], lines: Mapping[Loc, int]) -> list[str]:
     return sorted(set(texts), key=texts.index)
 
 
+def _resolve_shard_index(data: dict[str, Any], environ: Mapping[str, str]) -> list[Problem]:
+    """``shard.index: hostname``: the StatefulSet pod ordinal at the end of the hostname (``pgvitals-2`` -> 2)."""
+    from exporter.shards import hostname_ordinal
+
+    shard = data.get("shard")
+    if not isinstance(shard, dict) or shard.get("index") != "hostname":
+        return []
+    hostname = environ.get("HOSTNAME") or socket.gethostname()
+    ordinal = hostname_ordinal(hostname)
+    if ordinal is None:
+        del data["shard"]  # reported here, not once more as "not an integer"
+        return [(("shard", "index"), f"the hostname {hostname!r} ends in no -N ordinal (StatefulSet pods are "
+                                     "named NAME-0, NAME-1, ...): give the index as a number")]
+    data["shard"] = {**shard, "index": ordinal}
+    return []
+
+
 def load_settings(
     path: Path | None = None,
     environ: Mapping[str, str] | None = None,
     raw: Mapping[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> Settings:
-    """Read, override from the environment and validate; raise ConfigError with every problem."""
+    """Read, override from the environment and the command line (``overrides``, top-level keys) and validate;
+    raise ConfigError with every problem."""
     environ = os.environ if environ is None else environ
     lines: dict[Loc, int] = {}
     if raw is not None:
@@ -729,9 +806,13 @@ def load_settings(
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(["(top level): expected a mapping of settings"])
-    for replaced in _apply_env(data, environ):
+    replaced_paths = _apply_env(data, environ)
+    for key, value in (overrides or {}).items():
+        data[key] = value
+        replaced_paths.append((key,))
+    for replaced in replaced_paths:
         lines = {loc: line for loc, line in lines.items() if loc[:len(replaced)] != replaced}
-    problems: list[Problem] = []
+    problems: list[Problem] = _resolve_shard_index(data, environ)
     settings: Settings | None = None
     try:
         settings = Settings.model_validate(data)
@@ -765,8 +846,8 @@ def _semantic_problems(data: Mapping[str, Any], environ: Mapping[str, str]) -> l
     from exporter import catalog as catalog_module
 
     problems: list[Problem] = []
-    if not data.get("targets") and not data.get("pgbouncers"):
-        problems.append((("targets",), "at least one target (or pgbouncer) is needed"))
+    if not data.get("targets") and not data.get("pgbouncers") and not data.get("auth_modules"):
+        problems.append((("targets",), "at least one target (or pgbouncer, or auth module for /probe) is needed"))
     for section in ("targets", "pgbouncers", "pools"):
         items = data.get(section)
         if not isinstance(items, list):
@@ -784,6 +865,11 @@ def _semantic_problems(data: Mapping[str, Any], environ: Mapping[str, str]) -> l
                 problems.extend(_secret_problems((section, index), item, environ))
             elif not any(item.get(k) for k in ("application_name", "usename", "client_addr")):
                 problems.append(((section, index), "give application_name, usename or client_addr to match sessions"))
+    modules = data.get("auth_modules")
+    if isinstance(modules, dict):
+        for module_name, module in modules.items():
+            if isinstance(module, dict):
+                problems.extend(_secret_problems(("auth_modules", module_name), module, environ))
     collectors = data.get("collectors")
     if isinstance(collectors, dict):
         known = catalog_module.Catalog.builtin().by_name

@@ -282,6 +282,7 @@ class TargetConnections:
         self._idle: OrderedDict[str, list[psycopg.Connection[Row]]] = OrderedDict()
         self._lock = threading.Lock()
         self._open = 0
+        self._closed = False
         self.default_dbname = conninfo_to_dict(options.dsn).get("dbname") or ""
 
     @contextmanager
@@ -307,6 +308,8 @@ class TargetConnections:
     def _take(self, dbname: str | None) -> psycopg.Connection[Row]:
         key = dbname or ""
         with self._lock:
+            if self._closed:
+                raise TargetDown("the target was removed", reason="removed")
             pool = self._idle.get(key)
             while pool:
                 conn = pool.pop()
@@ -354,6 +357,10 @@ class TargetConnections:
 
     def _give_back(self, dbname: str | None, conn: psycopg.Connection[Row]) -> None:
         with self._lock:
+            if self._closed:  # a run that finished after close(): its connection is not kept
+                self._open -= 1
+                conn.close()
+                return
             self._idle.setdefault(dbname or "", []).append(conn)
             self._idle.move_to_end(dbname or "")
 
@@ -372,6 +379,12 @@ class TargetConnections:
                 for conn in pool:
                     self._open -= 1
                     conn.close()
+
+    def close(self) -> None:
+        """Close every idle connection for good: no new session opens, a borrowed one is closed when given back."""
+        with self._lock:
+            self._closed = True
+        self.close_all()
 
 
 @dataclass

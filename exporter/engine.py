@@ -8,13 +8,16 @@ from __future__ import annotations
 import enum
 import fnmatch
 import logging
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from psycopg.conninfo import conninfo_to_dict
 
-from exporter import compat, planner, secrets
+from exporter import compat, planner, secrets, shards
 from exporter.catalog import Catalog, Collector
 from exporter.config import PgBouncerConfig, Settings, TargetConfig
 from exporter.db import (
@@ -80,6 +83,33 @@ class TargetRuntime:
     # collector -> (objects it was refused at run time, monotonic time of the refusal): not asked again
     # until the probe's re-check lets the denial expire.
     run_denials: dict[str, tuple[frozenset[str], float]] = field(default_factory=dict)
+    # Set once the target is removed: runs that start later do nothing, and removal waits for running ones.
+    retired: bool = False
+    _busy: int = field(default=0, repr=False, compare=False)
+    _idle: threading.Condition = field(default_factory=threading.Condition, repr=False, compare=False)
+
+    @contextmanager
+    def working(self) -> Iterator[bool]:
+        """Count a probe or run in progress; yields False (do nothing) once the target is retired."""
+        with self._idle:
+            if self.retired:
+                active = False
+            else:
+                active = True
+                self._busy += 1
+        try:
+            yield active
+        finally:
+            if active:
+                with self._idle:
+                    self._busy -= 1
+                    self._idle.notify_all()
+
+    def retire(self, wait: float) -> bool:
+        """Stop new probes and runs, wait up to ``wait`` seconds for running ones; True when none is left."""
+        with self._idle:
+            self.retired = True
+            return self._idle.wait_for(lambda: self._busy == 0, wait)
 
     def denied(self, collector: Collector) -> frozenset[str]:
         """What ``collector`` needs and may not use here: refused at run time, or by the probe's privilege check."""
@@ -153,10 +183,37 @@ class Engine:
             name for e in self.collectors.values() if e.enabled for name in e.collector.requires
         )
         configs: list[TargetConfig | PgBouncerConfig] = [*settings.targets, *settings.pgbouncers]
+        if settings.shard is not None:
+            index, count = settings.shard.index, settings.shard.count
+            configs = [cfg for cfg in configs if shards.owner(cfg.name, count) == index]
+            snapshot.set_shard(index, count, len(configs))
+        else:
+            snapshot.set_shard(0, 1, len(configs))
         for cfg in configs:
-            runtime = build_runtime(cfg, settings)
-            self.targets[cfg.name] = runtime
-            snapshot.add_target(cfg.name, runtime.prefix, runtime.is_pgbouncer)
+            self.add_target(cfg)
+
+    def add_target(self, cfg: TargetConfig | PgBouncerConfig) -> TargetRuntime:
+        """Build and register a runtime for ``cfg`` (not probed yet); the caller schedules it."""
+        runtime = build_runtime(cfg, self.settings)
+        self.snapshot.add_target(cfg.name, runtime.prefix, runtime.is_pgbouncer)
+        # Copy on write: readers iterate over ``targets`` in other threads without a lock.
+        self.targets = {**self.targets, cfg.name: runtime}
+        return runtime
+
+    def remove_target(self, name: str) -> TargetRuntime | None:
+        """Stop using target ``name``: no new runs, running ones awaited, connections closed, series dropped."""
+        runtime = self.targets.get(name)
+        if runtime is None:
+            return None
+        self.targets = {key: value for key, value in self.targets.items() if key != name}
+        runtime.conns.close()  # a run in progress fails fast at its next connection
+        # Runs are bounded by their statement and connect timeouts; the wait only covers those.
+        longest = max((e.timeout for e in self.applicable(runtime)), default=0.0)
+        if not runtime.retire(wait=longest + self.settings.connect_timeout + 5):
+            log.warning("target %s removed while a run was still going; its results will be dropped", name)
+        runtime.conns.close()  # connections given back meanwhile
+        self.snapshot.remove_target(name)
+        return runtime
 
     def applicable(self, runtime: TargetRuntime) -> list[Effective]:
         """Enabled collectors of the target's kind (version and role are checked at each run)."""
@@ -166,6 +223,10 @@ class Engine:
 
     def probe(self, runtime: TargetRuntime) -> Probe:
         """Connect, refresh the server facts and record pg_up; says whether the target is up or came up."""
+        with runtime.working() as active:
+            return self._probe(runtime) if active else Probe.DOWN
+
+    def _probe(self, runtime: TargetRuntime) -> Probe:
         started = time.monotonic()
         try:
             with runtime.conns.session(wait=self.settings.connect_timeout + 5) as session:
@@ -177,7 +238,8 @@ class Engine:
                         facts = read_facts(session, self.required)
         except Exception as exc:  # every failure means "down" for the probe
             error = classify(exc)
-            self._mark_down(runtime, error)
+            if not runtime.retired:  # removed meanwhile: "down" would be a false alarm
+                self._mark_down(runtime, error)
             return Probe.DOWN
         was_up = runtime.up
         runtime.facts = facts
@@ -221,6 +283,11 @@ class Engine:
 
     def collect(self, runtime: TargetRuntime, eff: Effective) -> None:
         """Run one collector on one target (every selected database for per-database collectors)."""
+        with runtime.working() as active:
+            if active:
+                self._collect(runtime, eff)
+
+    def _collect(self, runtime: TargetRuntime, eff: Effective) -> None:
         collector = eff.collector
         if not runtime.up:
             return  # the probe owns reconnection; its backoff keeps us from hammering a dead server
@@ -267,6 +334,8 @@ class Engine:
                 series += count
             else:
                 last_skip = skip
+        if runtime.retired:
+            return  # removed while running: failures caused by the closed connections are no news
         finished = time.time()
         duration = time.monotonic() - started
         if not failed and skipped_everywhere and last_skip is not None:

@@ -8,7 +8,7 @@ import subprocess
 import tempfile
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +66,10 @@ class Prometheus:
 
 @contextmanager
 def running_prometheus(exporter_port: int, rules: str, job: str = "pgvitals",
-                       metric_relabel_configs: list[dict[str, Any]] | None = None) -> Iterator[Prometheus]:
+                       metric_relabel_configs: list[dict[str, Any]] | None = None,
+                       scrape_configs: Callable[[Path], list[dict[str, Any]]] | None = None) -> Iterator[Prometheus]:
+    """Prometheus scraping the exporter's /metrics as ``job``, or what ``scrape_configs`` (given its directory)
+    says."""
     base = Path(tempfile.mkdtemp(prefix="pgvitals-prometheus-"))
     (base / "pgvitals.rules.yml").write_text(rules)
     scrape: dict[str, Any] = {"job_name": job, "static_configs": [{"targets": [f"127.0.0.1:{exporter_port}"]}]}
@@ -76,7 +79,7 @@ def running_prometheus(exporter_port: int, rules: str, job: str = "pgvitals",
         "global": {"scrape_interval": f"{SCRAPE_INTERVAL:g}s", "evaluation_interval": "1s",
                    "scrape_timeout": "900ms"},
         "rule_files": [str(base / "pgvitals.rules.yml")],
-        "scrape_configs": [scrape],
+        "scrape_configs": scrape_configs(base) if scrape_configs else [scrape],
     }
     (base / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
