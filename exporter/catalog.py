@@ -213,7 +213,8 @@ PGBOUNCER_UP = _self_metric("pgbouncer_up", "gauge", "1 when the last connection
                             "succeeded, 0 when it failed; absent before the first.", ())
 PG_UP_REASON = _self_metric(
     "pg_up_reason", "gauge", "1 with the reason the last connection attempt failed (connection: unreachable, auth: "
-    "login refused, too_many_connections: no slot left, refused: another refusal); absent while pg_up is 1.",
+    "login refused, too_many_connections: no slot left, refused: another refusal, secret: password_file or "
+    "password_command failed); absent while pg_up is 1.",
     ("reason",))
 PGBOUNCER_UP_REASON = _self_metric(
     "pgbouncer_up_reason", "gauge", "1 with the reason the last connection to the PgBouncer console failed "

@@ -140,7 +140,9 @@ def build_runtime(cfg: TargetConfig | PgBouncerConfig, settings: Settings) -> Ta
     dsn_password = conninfo_to_dict(cfg.dsn).get("password")
     secrets.register(str(dsn_password) if dsn_password else None)
     options = ConnectOptions(
-        dsn=cfg.dsn, password=secrets.read_secret(cfg.password_file, cfg.password_env),
+        dsn=cfg.dsn,
+        password=secrets.PasswordSource(cfg.password_file, cfg.password_env, cfg.password_command,
+                                        ttl=cfg.password_command_ttl, timeout=cfg.password_command_timeout),
         application_name=settings.application_name, connect_timeout=settings.connect_timeout,
         pgbouncer=is_pgbouncer,
     )
