@@ -352,8 +352,8 @@ class Engine:
                 series += count
             else:
                 last_skip = skip
-        if runtime.retired:
-            return  # removed while running: failures caused by the closed connections are no news
+        if runtime.retired or self.collectors.get(collector.name) != eff:
+            return  # removed, or reconfigured by a reload, while running: the new job's runs count
         finished = time.time()
         duration = time.monotonic() - started
         if not failed and skipped_everywhere and last_skip is not None:
