@@ -482,6 +482,12 @@ class NoticeAlert(_AlertRule):
     for_: PendingDuration = Field(default=900.0, alias="for")
 
 
+class ReloadFailedAlert(_AlertRule):
+    """The last configuration reload was invalid: the exporter still runs on the previous configuration."""
+
+    for_: PendingDuration = Field(default=600.0, alias="for")
+
+
 class CollectorStaleAlert(_AlertRule):
     """A collector whose data is older than ``intervals`` times its own interval."""
 
@@ -527,6 +533,7 @@ class AlertsConfig(_Strict):
     collector_stale: CollectorStaleAlert = Field(default_factory=CollectorStaleAlert)
     collector_denied: NoticeAlert = Field(default_factory=NoticeAlert)
     database_unavailable: NoticeAlert = Field(default_factory=NoticeAlert)
+    config_reload: ReloadFailedAlert = Field(default_factory=ReloadFailedAlert)
 
 
     @field_validator("runbook_base_url")
