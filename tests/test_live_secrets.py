@@ -9,8 +9,10 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.conftest import Runner, Server, running_exporter, settings_for, start_server, wait_for_metric
-from tests.test_secrets import LEAK, runs, token_command
+from tests.support.exporters import Runner, running_exporter
+from tests.support.scrape import wait_for_metric
+from tests.support.servers import Server, settings_for, start_server
+from tests.support.token_command import LEAK, runs, token_command
 
 pytestmark = [pytest.mark.live, pytest.mark.family("secrets")]
 
