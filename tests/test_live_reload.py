@@ -12,16 +12,18 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 import yaml
 
+from exporter import shards
 from exporter.cli import build_parser, config_source
 from exporter.daemon import Daemon
 from exporter.localpg import wait_until
 from tests.support.metrics_server import HANG, get
-from tests.support.scrape import Metrics, scrape, wait_for_metric
-from tests.support.servers import Server
+from tests.support.scrape import Metrics, http_status, scrape, wait_for_metric
+from tests.support.servers import MONITOR_PASSWORD, MONITOR_ROLE, Server
 
 pytestmark = [pytest.mark.live, pytest.mark.family("reload")]
 
@@ -143,6 +145,15 @@ def test_sighup_adds_a_target_without_a_gap_and_a_broken_config_keeps_serving(
     assert proc.wait(HANG) == 0
 
 
+def _daemon_for(config: Path) -> Daemon:
+    args = build_parser().parse_args(["run", "-c", str(config), "--web.enable-lifecycle"])
+    source = config_source(args)
+    settings, web = source()
+    daemon = Daemon(settings, web=web, source=source, lifecycle=True)
+    daemon.start()
+    return daemon
+
+
 def _post_reload(port: int) -> tuple[int, str]:
     status, _headers, body = get(port, "/-/reload", method="POST")
     return status, body.decode()
@@ -154,11 +165,7 @@ def test_post_reload_keeps_what_did_not_change_and_restarts_what_did(
     first = {"name": "first", "dsn": pg.dsn(), "databases": {"include": ["postgres"]}}
     second = {"name": "second", "dsn": pg.dsn(), "databases": {"include": ["postgres"]}, "labels": {"team": "a"}}
     write_config(config, [first, second], listen="127.0.0.1:0")
-    args = build_parser().parse_args(["run", "-c", str(config), "--web.enable-lifecycle"])
-    source = config_source(args)
-    settings, web = source()
-    daemon = Daemon(settings, web=web, source=source, lifecycle=True)
-    daemon.start()
+    daemon = _daemon_for(config)
     try:
         port = daemon.server.port  # type: ignore[union-attr]
         assert get(port, "/-/reload")[0] == 405
@@ -206,5 +213,55 @@ def test_post_reload_keeps_what_did_not_change_and_restarts_what_did(
         metrics: Metrics = scrape(port)  # still no credentials needed
         assert metrics.value("pgvitals_config_last_reload_successful") == 0
         assert sorted(daemon.target_names()) == ["first", "third"]
+    finally:
+        daemon.stop()
+
+
+def test_reload_keeps_discovered_targets_unless_their_auth_module_changed(pg: Server, tmp_path: Path) -> None:
+    password = tmp_path / "password"
+    password.write_text(MONITOR_PASSWORD, encoding="utf-8")
+    module = {"user": MONITOR_ROLE, "password_file": str(password), "sslmode": "disable"}
+    config = tmp_path / "pgvitals.yml"
+    first = {"name": "first", "dsn": pg.dsn(), "databases": {"include": ["postgres"]}}
+    write_config(config, [first], listen="127.0.0.1:0", auth_modules={"monitor": module}, dynamic_target_ttl="1h")
+    daemon = _daemon_for(config)
+    try:
+        port = daemon.server.port  # type: ignore[union-attr]
+        found = f"127.0.0.1:{pg.cluster.port}/postgres"
+        probe = f"/probe?{urlencode({'target': found, 'auth_module': 'monitor'})}"
+        assert Metrics(http_status(port, probe)[1]).value("pg_up", target=found) == 1
+
+        status, body = _post_reload(port)
+        assert (status, body.strip()) == (200, "configuration reloaded: 2 target(s) kept, 0 removed, 0 added, "
+                                               "0 restarted, 0 collector(s) changed")
+        assert found in daemon.target_names()
+
+        write_config(config, [first], listen="127.0.0.1:0", dynamic_target_ttl="1h",
+                     auth_modules={"monitor": {**module, "labels": {"env": "new"}}})
+        status, body = _post_reload(port)
+        assert status == 200 and "1 discovered target(s) dropped" in body
+        assert daemon.target_names() == ["first"]
+        # Registered again at its next probe, with the new module.
+        assert Metrics(http_status(port, probe)[1]).value("pg_up", target=found, env="new") == 1
+    finally:
+        daemon.stop()
+
+
+def test_a_new_shard_count_moves_targets_in_and_out(pg: Server, tmp_path: Path) -> None:
+    names = [f"db-{n}" for n in range(4)]
+    config = tmp_path / "pgvitals.yml"
+    targets = [{"name": name, "dsn": pg.dsn(), "databases": {"include": ["postgres"]}} for name in names]
+    write_config(config, targets, listen="127.0.0.1:0")
+    daemon = _daemon_for(config)
+    try:
+        port = daemon.server.port  # type: ignore[union-attr]
+        assert scrape(port).value("pgvitals_shard_targets", shard="0", shards="1") == 4
+        write_config(config, targets, listen="127.0.0.1:0", shard={"index": 1, "count": 2})
+        assert _post_reload(port)[0] == 200
+        mine = sorted(name for name in names if shards.owner(name, 2) == 1)
+        assert sorted(daemon.target_names()) == mine
+        metrics = scrape(port)
+        assert metrics.value("pgvitals_shard_targets", shard="1", shards="2") == len(mine)
+        assert {labels["target"] for labels, _ in metrics.find("pg_up")} <= set(mine)
     finally:
         daemon.stop()
