@@ -558,6 +558,14 @@ ALERTS: tuple[AlertSpec, ...] = (
                     "the privilege to collect them; nothing else is affected.",
     ),
     AlertSpec(
+        name="PgvitalsConfigReloadFailed", group="exporter", config="config_reload", severity="warning",
+        expr="{pgvitals_config_last_reload_successful} == 0",
+        summary="pgvitals {labels.instance} rejected its new configuration",
+        description="The last configuration reload of pgvitals at {labels.instance} was invalid for {for}: it "
+                    "still runs on the previous configuration, so recent changes (targets, collectors, web "
+                    "config) are not in force. The exporter log lists every problem with its YAML path.",
+    ),
+    AlertSpec(
         name="PgvitalsDatabaseUnavailable", group="exporter", config="database_unavailable", severity="info",
         expr="{pgvitals_database_unavailable} == 1",
         summary="Database {db} on {target} refuses the monitoring role ({labels.reason})",

@@ -213,7 +213,8 @@ PGBOUNCER_UP = _self_metric("pgbouncer_up", "gauge", "1 when the last connection
                             "succeeded, 0 when it failed; absent before the first.", ())
 PG_UP_REASON = _self_metric(
     "pg_up_reason", "gauge", "1 with the reason the last connection attempt failed (connection: unreachable, auth: "
-    "login refused, too_many_connections: no slot left, refused: another refusal); absent while pg_up is 1.",
+    "login refused, too_many_connections: no slot left, refused: another refusal, secret: password_file or "
+    "password_command failed); absent while pg_up is 1.",
     ("reason",))
 PGBOUNCER_UP_REASON = _self_metric(
     "pgbouncer_up_reason", "gauge", "1 with the reason the last connection to the PgBouncer console failed "
@@ -281,10 +282,18 @@ SHARD_TARGETS = MetricSpec(
     labels=("shard", "shards"), per_target=False)
 BUILD_INFO = MetricSpec(name="pgvitals_build_info", kind="info", help="pgvitals build information (value 1).",
                         labels=("version",), per_target=False)
+CONFIG_RELOAD_SUCCESS = MetricSpec(
+    name="pgvitals_config_last_reload_successful", kind="gauge", labels=(), per_target=False,
+    help="1 when the last configuration (re)load succeeded, 0 when the last reload was invalid and the previous "
+    "configuration stays in force.")
+CONFIG_RELOAD_TIME = MetricSpec(
+    name="pgvitals_config_last_reload_success_timestamp_seconds", kind="gauge", labels=(), per_target=False,
+    unit="seconds", help="Unix time of the last successful configuration load (the start, or a reload).")
 SELF_METRICS: tuple[MetricSpec, ...] = (
     PG_UP, PGBOUNCER_UP, PG_UP_REASON, PGBOUNCER_UP_REASON, DATABASE_UNAVAILABLE, COLLECTOR_DENIED,
     COLLECTOR_SUCCESS, COLLECTOR_DURATION, COLLECTOR_LAST_SUCCESS, COLLECTOR_ERRORS,
     COLLECTOR_SERIES, COLLECTOR_SKIPPED, COLLECTOR_DATA_AGE, SHARD_TARGETS, BUILD_INFO,
+    CONFIG_RELOAD_SUCCESS, CONFIG_RELOAD_TIME,
 )
 
 

@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,7 @@ from exporter.secrets import redact
 
 if TYPE_CHECKING:
     from exporter.engine import TargetRuntime
+    from exporter.webconfig import WebConfig
 
 EXIT_CONFIG = 2
 EXIT_UNREACHABLE = 1
@@ -75,16 +77,31 @@ def _config_failure(error: ConfigError, source: str | None) -> int:
     return EXIT_CONFIG
 
 
+def config_source(args: argparse.Namespace) -> Callable[[], tuple[Settings, WebConfig | None]]:
+    """Reads the configuration and web config of ``run`` as they are on disk (at the start and at each reload)."""
+    from exporter.webconfig import load_web_config
+
+    def load() -> tuple[Settings, WebConfig | None]:
+        try:
+            settings = _settings(args)
+        except ConfigError as error:
+            if args.config:  # named in the reload's log lines, as WebConfigError names its file
+                error.source = args.config  # type: ignore[attr-defined]
+            raise
+        web_config_file = Path(args.web_config_file) if args.web_config_file else settings.web_config_file
+        return settings, load_web_config(web_config_file) if web_config_file else None
+
+    return load
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Start the daemon."""
     from exporter.daemon import Daemon
-    from exporter.webconfig import load_web_config
 
-    settings = _settings(args)
-    web_config_file = Path(args.web_config_file) if args.web_config_file else settings.web_config_file
-    web = load_web_config(web_config_file) if web_config_file else None  # exit 2 before anything starts
+    source = config_source(args)
+    settings, web = source()  # exit 2 before anything starts
     setup_logging(args.log_level or settings.log.level, settings.log.format)
-    Daemon(settings, web=web).run_forever()
+    Daemon(settings, web=web, source=source, lifecycle=args.web_enable_lifecycle).run_forever()
     return 0
 
 

@@ -6,6 +6,7 @@ import functools
 import ipaddress
 import os
 import re
+import shutil
 import socket
 from collections.abc import Mapping
 from pathlib import Path
@@ -111,9 +112,21 @@ class Endpoint(_Strict):
 
     name: Name
     dsn: Dsn
-    password_file: Path | None = None
+    password_file: Path | None = None  # read at each new connection: a rotated file needs no restart
     password_env: str | None = None
+    # argv (no shell) whose stdout is the password or token (RDS IAM, Entra ID, GCP), kept for the TTL.
+    password_command: list[str] | None = Field(default=None, min_length=1)
+    password_command_ttl: Duration = 600.0
+    password_command_timeout: Duration = 10.0
     labels: ConstLabels = Field(default_factory=dict)
+
+    @field_validator("password_command", mode="before")
+    @classmethod
+    def _argv(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            raise ValueError("expected a list of arguments such as [aws, rds, generate-db-auth-token, ...] "
+                             "(no shell runs it)")
+        return value
 
 
 class TargetConfig(Endpoint):
@@ -469,6 +482,12 @@ class NoticeAlert(_AlertRule):
     for_: PendingDuration = Field(default=900.0, alias="for")
 
 
+class ReloadFailedAlert(_AlertRule):
+    """The last configuration reload was invalid: the exporter still runs on the previous configuration."""
+
+    for_: PendingDuration = Field(default=600.0, alias="for")
+
+
 class CollectorStaleAlert(_AlertRule):
     """A collector whose data is older than ``intervals`` times its own interval."""
 
@@ -514,6 +533,7 @@ class AlertsConfig(_Strict):
     collector_stale: CollectorStaleAlert = Field(default_factory=CollectorStaleAlert)
     collector_denied: NoticeAlert = Field(default_factory=NoticeAlert)
     database_unavailable: NoticeAlert = Field(default_factory=NoticeAlert)
+    config_reload: ReloadFailedAlert = Field(default_factory=ReloadFailedAlert)
 
 
     @field_validator("runbook_base_url")
@@ -896,6 +916,16 @@ def _sequence_floor_problems(settings: Settings) -> list[Problem]:
 
 def _secret_problems(where: Loc, item: Mapping[str, Any], environ: Mapping[str, str]) -> list[Problem]:
     problems: list[Problem] = []
+    command = item.get("password_command")
+    if command is not None:
+        others = [key for key in ("password_file", "password_env") if item.get(key) is not None]
+        if others:
+            problems.append(((*where, "password_command"), f"give either password_command or {others[0]}"))
+        if isinstance(command, list) and command and isinstance(command[0], str) and not _runnable(command[0]):
+            problems.append(((*where, "password_command", 0), f"command not found: {command[0]}"))
+    else:
+        problems.extend(((*where, key), "only used with password_command")
+                        for key in ("password_command_ttl", "password_command_timeout") if key in item)
     password_file = item.get("password_file")
     if isinstance(password_file, str):
         try:
@@ -906,6 +936,13 @@ def _secret_problems(where: Loc, item: Mapping[str, Any], environ: Mapping[str, 
     if isinstance(password_env, str) and password_env not in environ:
         problems.append(((*where, "password_env"), f"environment variable {password_env} is not set"))
     return problems
+
+
+def _runnable(program: str) -> bool:
+    """Whether ``program`` (a path, or a name looked up in PATH) is an executable file."""
+    if os.sep in program:
+        return os.path.isfile(program) and os.access(program, os.X_OK)
+    return shutil.which(program) is not None
 
 
 def _timeout_problems(where: Loc, collector: Any, override: Mapping[str, Any]) -> list[Problem]:

@@ -7,7 +7,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import suppress
 from datetime import datetime, timedelta
 from http import HTTPStatus
@@ -20,10 +20,11 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from exporter import __version__, shards
 from exporter import dynamic as dynamic_targets
 from exporter.catalog import Catalog
-from exporter.config import PgBouncerConfig, Settings, TargetConfig
+from exporter.config import ConfigError, PgBouncerConfig, Settings, TargetConfig
 from exporter.custom import build_catalog
-from exporter.engine import Engine, Probe, TargetRuntime
+from exporter.engine import Engine, Probe, TargetRuntime, polled_configs
 from exporter.planner import Effective
+from exporter.secrets import redact
 from exporter.server import MetricsServer, probe_snapshot
 from exporter.snapshot import Snapshot
 from exporter.webconfig import WebConfig
@@ -34,6 +35,14 @@ log = logging.getLogger("pgvitals.daemon")
 #: server has 4 workers: at least 2 stay free for /metrics and the probes of known targets).
 FIRST_PROBE_WAITERS = 2
 
+#: Reads the configuration and the web configuration again; raises ConfigError (with ``source``) if invalid.
+ConfigSource = Callable[[], tuple[Settings, WebConfig | None]]
+
+
+def _connection_settings(settings: Settings) -> tuple[object, ...]:
+    """The global settings every connection is opened with: a change restarts every target."""
+    return settings.application_name, settings.connect_timeout
+
 
 class Daemon:
     """Runs every collector of every target on its own interval and serves the snapshot.
@@ -42,11 +51,16 @@ class Daemon:
     reload, or targets discovered by Prometheus), from any thread.
     """
 
-    def __init__(self, settings: Settings, web: WebConfig | None = None, catalog: Catalog | None = None):
+    def __init__(self, settings: Settings, web: WebConfig | None = None, catalog: Catalog | None = None,
+                 source: ConfigSource | None = None, lifecycle: bool = False):
+        """``source`` re-reads the configuration on reload (SIGHUP; POST /-/reload too with ``lifecycle``)."""
         self.settings = settings
         self.web = web
+        self.source = source
+        self.lifecycle = lifecycle
         # The built-ins plus the user's declarations, passed on to snapshot and engine (never a global).
         self.catalog = build_catalog(settings) if catalog is None else catalog
+        self._catalog_from_settings = catalog is None  # a reload builds it again from the new settings
         self.snapshot = Snapshot(self.catalog, __version__)
         self.engine = Engine(self.catalog, settings, self.snapshot)
         # Room for the targets /probe may register, when an auth module lets it.
@@ -64,6 +78,7 @@ class Daemon:
         self.dynamic = dynamic_targets.Registry(settings.max_dynamic_targets, settings.dynamic_target_ttl)
         # First probes that wait for a connection attempt hold an HTTP worker each: never all of them.
         self._first_probe_waits = threading.BoundedSemaphore(FIRST_PROBE_WAITERS)
+        self._reload_lock = threading.Lock()
 
     # -- scheduling ----------------------------------------------------------------------------
 
@@ -158,6 +173,97 @@ class Daemon:
             with suppress(JobLookupError, SchedulerNotRunningError):  # the daemon is stopping
                 self.scheduler.modify_job(self._collector_job_id(runtime, eff),
                                           next_run_time=now + timedelta(seconds=random.uniform(0, 1.0)))
+
+    # -- reload --------------------------------------------------------------------------------
+
+    def reload(self) -> tuple[bool, str]:
+        """Re-read the configuration and web config and apply what changed; an invalid one changes nothing.
+
+        Unchanged targets and collectors keep their data and schedules; added ones start, removed ones stop
+        and their series go, changed ones restart. Returns (success, a message for the caller).
+        """
+        if self.source is None:
+            return False, "no configuration file to reload"
+        with self._reload_lock:
+            try:
+                settings, web = self.source()
+                catalog = build_catalog(settings) if self._catalog_from_settings else self.catalog
+                summary = self._apply(settings, web, catalog)
+            except ConfigError as error:
+                where = getattr(error, "source", None)
+                log.error("reload failed, the running configuration stays in force: invalid configuration%s",
+                          f" in {where}" if where else "")
+                for problem in error.problems:
+                    log.error("  %s", redact(problem))
+                self.snapshot.record_reload(False)
+                return False, "invalid configuration, not applied:\n" + "\n".join(redact(p) for p in error.problems)
+            except Exception as exc:  # whatever went wrong, the running configuration stays
+                log.exception("reload failed, the running configuration stays in force")
+                self.snapshot.record_reload(False)
+                return False, redact(f"reload failed: {type(exc).__name__}: {exc}")
+            self.snapshot.record_reload(True)
+        log.info("configuration reloaded: %s", summary)
+        return True, f"configuration reloaded: {summary}"
+
+    def _apply(self, new: Settings, web: WebConfig | None, catalog: Catalog) -> str:
+        """Move from the running settings to ``new``, touching only what differs; returns a summary."""
+        old = self.settings
+        for key in ("listen", "workers", "log"):
+            if getattr(new, key) != getattr(old, key):
+                log.warning("reload: %s changed; it takes effect at the next restart", key)
+        specs = {cfg.name: cfg for cfg in polled_configs(new)}
+        restart_all = _connection_settings(new) != _connection_settings(old)
+        with self._targets_lock:
+            # First, as it is the one step that may still fail (nothing has changed then).
+            changed = self.engine.configure(new, catalog)
+            self.settings, self.catalog = new, catalog
+            current = dict(self.engine.targets)
+            dynamic = {name: self.dynamic.auth_module(name) for name in current if name in self.dynamic}
+            gone = [name for name, runtime in current.items() if name not in dynamic
+                    and (restart_all or name not in specs or runtime.spec != specs[name])]
+            # A discovered target whose auth module changed or went is dropped: its next /probe registers it again.
+            dropped = [name for name, module in dynamic.items() if restart_all or module is None
+                       or new.auth_modules.get(module) != old.auth_modules.get(module)]
+            for name in [*gone, *dropped]:
+                self.dynamic.release(name)
+                self.remove_target(name)
+            for name, runtime in self.engine.targets.items():  # the kept ones
+                if new.probe_interval != old.probe_interval:
+                    with suppress(JobLookupError):
+                        self.scheduler.reschedule_job(f"probe:{name}", trigger="interval",
+                                                      seconds=new.probe_interval)
+                for collector in changed:
+                    self._unschedule(runtime, collector)
+                    self.snapshot.forget_collector(name, collector)
+                for eff in self.engine.applicable(runtime):
+                    if eff.collector.name in changed:
+                        self._schedule_collector(runtime, eff)
+            added = [spec for name, spec in specs.items() if name not in self.engine.targets]
+            for spec in added:
+                self.add_target(spec)
+            self.dynamic.limit, self.dynamic.ttl = new.max_dynamic_targets, new.dynamic_target_ttl
+            self._schedule_expiry()
+        old_web = self.web
+        if web != old_web:
+            self.web = web
+            if self.server is not None:
+                self.server.apply_web(web)
+        kept = len(current) - len(gone) - len(dropped)
+        restarted = len([name for name in gone if name in specs])
+        return (f"{kept} target(s) kept, {len(gone) - restarted} removed, {len(added) - restarted} added, "
+                f"{restarted} restarted, {len(changed)} collector(s) changed"
+                f"{f', {len(dropped)} discovered target(s) dropped' if dropped else ''}"
+                f"{', web config changed' if web != old_web else ''}")
+
+    def _schedule_expiry(self) -> None:
+        """The job that drops discovered targets nobody probes any more (only with auth_modules)."""
+        if self.settings.auth_modules:
+            every = min(max(self.settings.dynamic_target_ttl / 4, 0.5), 30.0)
+            self.scheduler.add_job(self._drop_expired, "interval", seconds=every, id="dynamic-expiry",
+                                   replace_existing=True)
+        else:
+            with suppress(JobLookupError):
+                self.scheduler.remove_job("dynamic-expiry")
 
     # -- readiness -----------------------------------------------------------------------------
 
@@ -269,12 +375,11 @@ class Daemon:
     def start(self) -> None:
         """Start serving and collecting (returns at once)."""
         self.server = MetricsServer(self.settings.listen_host, self.settings.listen_port, self.snapshot, self.ready,
-                                    web=self.web, probe=self.probe)
+                                    web=self.web, probe=self.probe, reload=self.reload if self.lifecycle else None)
         self.server.start()
+        self.snapshot.record_reload(True)
         self._schedule()
-        if self.settings.auth_modules:
-            every = min(max(self.settings.dynamic_target_ttl / 4, 0.5), 30.0)
-            self.scheduler.add_job(self._drop_expired, "interval", seconds=every, id="dynamic-expiry")
+        self._schedule_expiry()
         self.scheduler.start()
         log.info("pgvitals %s serving %s://%s:%d/metrics for %d target(s)", __version__, self.server.scheme,
                  self.settings.listen_host, self.server.port, len(self.engine.targets))
@@ -288,10 +393,13 @@ class Daemon:
         self.engine.close()
 
     def run_forever(self) -> None:
-        """Start, then block until SIGINT or SIGTERM."""
+        """Start, then block until SIGINT or SIGTERM; SIGHUP reloads the configuration."""
         done = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: done.set())
+        # Not in the handler itself: a reload waits for runs of removed targets, the main thread must not.
+        signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=self.reload, name="reload",
+                                                                  daemon=True).start())
         self.start()
         done.wait()
         log.info("stopping")

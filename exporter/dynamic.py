@@ -84,6 +84,12 @@ class Registry:
         with self._lock:
             return len(self._entries)
 
+    def auth_module(self, name: str) -> str | None:
+        """The auth module target ``name`` was registered with; None if it is not a dynamic target."""
+        with self._lock:
+            entry = self._entries.get(name)
+            return None if entry is None else entry.auth_module
+
     def touch(self, name: str, auth_module: str) -> str | None:
         """Note a probe of a known target; None if unknown, else the auth module it was registered with."""
         with self._lock:

@@ -83,6 +83,7 @@ class TargetRuntime:
     # collector -> (objects it was refused at run time, monotonic time of the refusal): not asked again
     # until the probe's re-check lets the denial expire.
     run_denials: dict[str, tuple[frozenset[str], float]] = field(default_factory=dict)
+    spec: TargetConfig | PgBouncerConfig | None = None  # what it was built from (a reload compares it)
     # Set once the target is removed: runs that start later do nothing, and removal waits for running ones.
     retired: bool = False
     _busy: int = field(default=0, repr=False, compare=False)
@@ -139,7 +140,9 @@ def build_runtime(cfg: TargetConfig | PgBouncerConfig, settings: Settings) -> Ta
     dsn_password = conninfo_to_dict(cfg.dsn).get("password")
     secrets.register(str(dsn_password) if dsn_password else None)
     options = ConnectOptions(
-        dsn=cfg.dsn, password=secrets.read_secret(cfg.password_file, cfg.password_env),
+        dsn=cfg.dsn,
+        password=secrets.PasswordSource(cfg.password_file, cfg.password_env, cfg.password_command,
+                                        ttl=cfg.password_command_ttl, timeout=cfg.password_command_timeout),
         application_name=settings.application_name, connect_timeout=settings.connect_timeout,
         pgbouncer=is_pgbouncer,
     )
@@ -147,7 +150,7 @@ def build_runtime(cfg: TargetConfig | PgBouncerConfig, settings: Settings) -> Ta
     prefix = label_text([("target", cfg.name), *sorted(cfg.labels.items())])
     runtime = TargetRuntime(
         name=cfg.name, is_pgbouncer=is_pgbouncer, conns=TargetConnections(options, limit), prefix=prefix,
-        dsn_text=dsn_display(cfg.dsn), server=_server_label(cfg.dsn),
+        dsn_text=dsn_display(cfg.dsn), server=_server_label(cfg.dsn), spec=cfg,
     )
     if isinstance(cfg, TargetConfig):
         runtime.include = tuple(cfg.databases.include)
@@ -163,6 +166,14 @@ def _server_label(dsn: str) -> str:
     return f"{host}:{port}"
 
 
+def polled_configs(settings: Settings) -> list[TargetConfig | PgBouncerConfig]:
+    """The configured targets this process polls: every one, or those whose name falls to its shard."""
+    configs: list[TargetConfig | PgBouncerConfig] = [*settings.targets, *settings.pgbouncers]
+    if settings.shard is None:
+        return configs
+    return [cfg for cfg in configs if shards.owner(cfg.name, settings.shard.count) == settings.shard.index]
+
+
 class Engine:
     """Runs probes and collectors against targets and keeps the snapshot current."""
 
@@ -170,27 +181,34 @@ class Engine:
         self.catalog = catalog
         self.settings = settings
         self.snapshot = snapshot
-        self.collectors = {e.collector.name: e for e in planner.effective_collectors(catalog, settings)}
-        self.naming: compat.Naming = settings.metric_names
-        table = compat.validate(catalog) if self.naming != "native" else ()
-        # What each collector renders in this naming mode, decided once: a run only follows the plan.
-        self.plans = {name: compat.plan(e.collector, self.naming, table) for name, e in self.collectors.items()}
-        snapshot.use_order(compat.exposition_order(catalog, self.naming, table),
-                           compat.self_order(catalog, self.naming))
+        self.collectors: dict[str, Effective] = {}
+        self.plans: dict[str, compat.Plan] = {}
+        self.required: frozenset[str] = frozenset()
         self.targets: dict[str, TargetRuntime] = {}
-        # Every object an enabled collector requires: the probe asks the server about all of them at once.
-        self.required = frozenset(
-            name for e in self.collectors.values() if e.enabled for name in e.collector.requires
-        )
-        configs: list[TargetConfig | PgBouncerConfig] = [*settings.targets, *settings.pgbouncers]
-        if settings.shard is not None:
-            index, count = settings.shard.index, settings.shard.count
-            configs = [cfg for cfg in configs if shards.owner(cfg.name, count) == index]
-            snapshot.set_shard(index, count, len(configs))
-        else:
-            snapshot.set_shard(0, 1, len(configs))
-        for cfg in configs:
+        self.configure(settings)
+        for cfg in polled_configs(settings):
             self.add_target(cfg)
+
+    def configure(self, settings: Settings, catalog: Catalog | None = None) -> set[str]:
+        """Take (new) settings and catalog; returns the collectors that changed (declaration, interval, timeout,
+        switch, parameters or naming) or went."""
+        catalog = self.catalog if catalog is None else catalog
+        collectors = {e.collector.name: e for e in planner.effective_collectors(catalog, settings)}
+        naming: compat.Naming = settings.metric_names
+        table = compat.validate(catalog) if naming != "native" else ()
+        # What each collector renders in this naming mode, decided once: a run only follows the plan.
+        plans = {name: compat.plan(e.collector, naming, table) for name, e in collectors.items()}
+        changed = {name for name, eff in collectors.items()
+                   if self.collectors.get(name) != eff or self.plans.get(name) != plans[name]}
+        changed |= set(self.collectors) - set(collectors)
+        self.catalog, self.settings, self.naming = catalog, settings, naming
+        self.collectors, self.plans = collectors, plans
+        self.snapshot.use_order(compat.exposition_order(catalog, naming, table), compat.self_order(catalog, naming))
+        shard = settings.shard
+        self.snapshot.set_shard(shard.index if shard else 0, shard.count if shard else 1, len(polled_configs(settings)))
+        # Every object an enabled collector requires: the probe asks the server about all of them at once.
+        self.required = frozenset(name for e in collectors.values() if e.enabled for name in e.collector.requires)
+        return changed
 
     def add_target(self, cfg: TargetConfig | PgBouncerConfig) -> TargetRuntime:
         """Build and register a runtime for ``cfg`` (not probed yet); the caller schedules it."""
@@ -334,8 +352,8 @@ class Engine:
                 series += count
             else:
                 last_skip = skip
-        if runtime.retired:
-            return  # removed while running: failures caused by the closed connections are no news
+        if runtime.retired or self.collectors.get(collector.name) != eff:
+            return  # removed, or reconfigured by a reload, while running: the new job's runs count
         finished = time.time()
         duration = time.monotonic() - started
         if not failed and skipped_everywhere and last_skip is not None:

@@ -201,6 +201,13 @@ class MetricsServer:
         self._waiting: dict[asyncio.StreamWriter, None] = {}
         self._connections: set[asyncio.StreamWriter] = set()
 
+    def apply_web(self, web: WebConfig | None) -> None:
+        """Serve new connections with another web config (a reload); open connections keep theirs."""
+        web = web or WebConfig()
+        tls = TlsContexts(web.tls) if web.tls else None
+        auth = BasicAuth(web.users) if web.users else None
+        self.web, self.tls, self.auth = web, tls, auth
+
     @property
     def port(self) -> int:
         """The bound port (useful when 0 was asked for)."""
@@ -270,11 +277,12 @@ class MetricsServer:
             self._waiting.pop(oldest)
             oldest.close()
         self._connections.add(writer)
+        tls = self.tls  # one config for the whole connection, even if a reload replaces it meanwhile
         try:
-            if self.tls is not None:
+            if tls is not None:
                 self._waiting[writer] = None
-                await writer.start_tls(self.tls.current(), ssl_handshake_timeout=self.read_timeout)
-                if not self.tls.allowed_peer(writer.get_extra_info("peercert")):
+                await writer.start_tls(tls.current(), ssl_handshake_timeout=self.read_timeout)
+                if not tls.allowed_peer(writer.get_extra_info("peercert")):
                     log.debug("client certificate SAN not in client_allowed_sans: closing")
                     return
             first = True
@@ -373,15 +381,16 @@ class MetricsServer:
 
     async def _authorized(self, request: Request) -> bool:
         """Basic auth: remembered credentials at once, new ones through bcrypt in a pool of their own."""
-        if self.auth is None or request.path == "/healthz":
+        auth = self.auth  # as it is now: a reload may replace it meanwhile
+        if auth is None or request.path == "/healthz":
             return True
         credentials = self._credentials(request)
         if credentials is None:
             return False
-        if self.auth.cached(*credentials):
+        if auth.cached(*credentials):
             return True
         # A flood of wrong passwords occupies these threads only: scrapes with known credentials go on.
-        return await self._loop.run_in_executor(self._bcrypt_pool, self.auth.verify, *credentials)
+        return await self._loop.run_in_executor(self._bcrypt_pool, auth.verify, *credentials)
 
     @staticmethod
     def _exposition(request: Request, body: bytes) -> Response:

@@ -62,6 +62,7 @@ class Snapshot:
         self._order = tuple(catalog.metrics())
         self._self_order = tuple(catalog.self_metrics)
         self._scrape_error = False  # postgres_exporter's pg_exporter_last_scrape_error (compat naming modes)
+        self._reload: tuple[bool, float | None] | None = None  # (last load succeeded, time of the last success)
 
     def use_order(self, order: Iterable[MetricSpec], self_order: Iterable[MetricSpec] | None = None) -> None:
         """Serve these metric families (the naming mode's, exporter/compat.py) in this order."""
@@ -77,6 +78,13 @@ class Snapshot:
         """Register a target; its up series appears with the first probe."""
         with self._lock:
             self._targets[name] = _TargetRecord(prefix=prefix, is_pgbouncer=is_pgbouncer)
+
+    def record_reload(self, success: bool, now: float | None = None) -> None:
+        """The outcome of a configuration load (the start counts as one): the reload self-metrics."""
+        now = time.time() if now is None else now
+        with self._lock:
+            last_success = self._reload[1] if self._reload is not None else None
+            self._reload = (success, now if success else last_success)
 
     def remove_target(self, name: str) -> None:
         """Forget a target: its data and self-metrics leave the exposition at once."""
@@ -281,12 +289,18 @@ class Snapshot:
         def add(spec: MetricSpec, prefix: str, values: tuple[str, ...], value: float | int) -> None:
             own = label_text(zip(spec.labels, values, strict=True))
             labels = ",".join(part for part in (prefix, own) if part)
-            lines[spec.name].append(f"{spec.name}{{{labels}}} {format_value(value)}\n".encode())
+            braces = f"{{{labels}}}" if labels else ""
+            lines[spec.name].append(f"{spec.name}{braces} {format_value(value)}\n".encode())
 
         add(catalog.BUILD_INFO, "", (self._version,), 1)
         if whole:
             index, count, polled = self._shard
             add(catalog.SHARD_TARGETS, "", (str(index), str(count)), polled)
+            if self._reload is not None:  # a daemon: `once` and `check` load a configuration but never reload it
+                success, last_success = self._reload
+                add(catalog.CONFIG_RELOAD_SUCCESS, "", (), 1 if success else 0)
+                if last_success is not None:
+                    add(catalog.CONFIG_RELOAD_TIME, "", (), round(last_success, 3))
         for target in targets:
             prefix = target.prefix
             if target.up is not None:  # before the first probe we know nothing: no series rather than a false 0
