@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from exporter.catalog import Catalog, CatalogError, Collector, MetricSpec
+from exporter.collectors.database import SETTINGS
 from exporter.exposition import escape_label, format_value, label_value, to_number
 
 Naming = Literal["native", "postgres_exporter", "both"]
@@ -194,13 +195,9 @@ POSTGRES_EXPORTER: tuple[CompatMetric, ...] = (
     _renamed("pg_stat_archiver_failed_count", "pg_stat_archiver_failed_total", "counter", (("server", SERVER),)),
     _renamed("pg_stat_archiver_last_archive_age", "pg_stat_archiver_last_archive_age_seconds", "gauge",
              (("server", SERVER),)),
-    # pg_settings: the settings we read keep their name; theirs carry server, ours do not (same name, one series)
-    *(_same(f"pg_settings_{name}", note="without their server label") for name in (
-        "max_connections", "superuser_reserved_connections", "shared_buffers_bytes", "effective_cache_size_bytes",
-        "work_mem_bytes", "maintenance_work_mem_bytes", "max_wal_size_bytes", "checkpoint_timeout_seconds",
-        "autovacuum_freeze_max_age", "autovacuum_max_workers", "max_wal_senders", "max_replication_slots",
-        "max_locks_per_transaction", "statement_timeout_seconds", "idle_in_transaction_session_timeout_seconds",
-        "track_io_timing")),
+    # pg_settings: every setting we read has their name (they export every setting, in base units, dots as
+    # underscores); theirs carry server, ours do not (same name, one series)
+    *(_same(spec.name, note="without their server label") for spec in SETTINGS.metrics),
 )
 
 _POOL = ("database", "user")
@@ -287,10 +284,6 @@ NOT_PROVIDED: tuple[NotProvided, ...] = (
                      "n_tup_del", "n_tup_hot_upd")),
     NotProvided("pg_stat_user_tables_index_size_bytes",
                 "per index instead: pg_index_size_bytes{indexrelname}"),
-    NotProvided("pg_settings_autovacuum_vacuum_scale_factor",
-                "pg_settings reads a chosen set of settings; this one is not in it"),
-    NotProvided("pg_settings_autovacuum_vacuum_threshold",
-                "pg_settings reads a chosen set of settings; this one is not in it"),
     NotProvided("pg_settings_*", "postgres_exporter exports every setting; pgvitals the ones its dashboards and "
                 "alerts use (listed as same above)"),
     NotProvided("pg_process_idle_seconds", "histogram of idle sessions (disabled by default there); not collected"),

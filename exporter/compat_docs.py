@@ -78,7 +78,16 @@ def mixin_section(mixin: Mapping[str, Any]) -> list[str]:
         when = " (17+)" if item.get("only_from") else ""
         lines.append(f"| {name}{when}: `{_one_line(item.get('input') or item['expr'])}` | "
                      f"{' '.join(str(item['no_data']).split())} |")
-    lines.append("")
+    lines += [
+        "",
+        "`tests/test_live_compat_rules.py` proves the rules fire where postgres_exporter's series would make them "
+        "fire: pgvitals is scraped once a second while a real server is quiet, then loaded (client sessions above "
+        "80 % of the usable connections, a table with 20000 dead tuples, an unused replication slot), then "
+        "stopped; the scraped values become `input_series` of a `promtool test rules` file over the mixin's "
+        "rules (without their `for`), which expects the down, exporter-error, high-connections, dead-tuples and "
+        "unused-slot alerts exactly where those conditions hold and nothing in the quiet phase.",
+        "",
+    ]
     return lines
 
 

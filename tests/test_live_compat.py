@@ -15,18 +15,16 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-import yaml
 
 from exporter.catalog import load
 from exporter.compat import COMPAT
-from exporter.compat_docs import load_mixin
 from exporter.localpg import wait_until
 from tests.support.exporters import running_exporter
+from tests.support.mixin import MIXIN, mixin_rule_file
 from tests.support.pgbouncer import PgBouncer, pgbouncer_available, start_pgbouncer
 from tests.support.prometheus import PROMETHEUS, Prometheus, collector_overrides, running_prometheus
 from tests.support.scrape import http_status, scrape
@@ -34,8 +32,6 @@ from tests.support.servers import Server, settings_for, start_server
 from tests.support.standby import Standby, start_standby
 
 pytestmark = [pytest.mark.live, pytest.mark.slow]
-
-MIXIN = load_mixin(Path(__file__).resolve().parent / "data" / "postgres_mixin.yaml")
 
 #: The relabeling the README documents: each target's series get their own instance, as from postgres_exporter.
 RELABEL: list[dict[str, Any]] = [
@@ -50,12 +46,6 @@ class Stack:
     standby: Standby
     bouncer: PgBouncer
     prometheus: Prometheus
-
-
-def _mixin_rules() -> str:
-    """The mixin's alert rules as a Prometheus rule file (no `for`: evaluated right away)."""
-    rules = [{"alert": a["name"], "expr": a["expr"]} for a in MIXIN["alerts"]]
-    return yaml.safe_dump({"groups": [{"name": "PostgreSQL", "rules": rules}]})
 
 
 def _workload(primary: Server, stop: threading.Event) -> None:
@@ -102,7 +92,7 @@ def stack() -> Iterator[Stack]:
         daemon = cleanup.enter_context(running_exporter(settings))
         assert daemon.server is not None
         prometheus = cleanup.enter_context(running_prometheus(
-            daemon.server.port, _mixin_rules(), job="postgres", metric_relabel_configs=RELABEL))
+            daemon.server.port, mixin_rule_file(), job="postgres", metric_relabel_configs=RELABEL))
         # A checkpoint and a PgBouncer client, so that their rates and pools have data.
         primary.execute("CHECKPOINT")
         with psycopg.connect(bouncer.client_dsn(), autocommit=True) as client:
