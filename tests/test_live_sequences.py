@@ -14,10 +14,12 @@ from tests.support.servers import Server
 pytestmark = [pytest.mark.live, pytest.mark.family("sequences")]
 
 SEQUENCES = "pg_sequences"
+# A floor above the default warning needs the alerts above it too: the config refuses alerts that cannot see.
+RAISED_ALERTS = {"alerts": {"sequences": {"warning": 0.95, "critical": 0.97}}}
 
 
-def _collect(pg: Server, db: str, **params: Any) -> Metrics:
-    return collect_in(pg, db, [SEQUENCES], **params)
+def _collect(pg: Server, db: str, settings: dict[str, Any] | None = None, **params: Any) -> Metrics:
+    return collect_in(pg, db, [SEQUENCES], settings, **params)
 
 
 def _setup(pg: Server, db: str) -> None:
@@ -72,11 +74,11 @@ def test_sequences_over_the_floor_with_their_real_ratio(pg: Server, fresh_db: st
 
 def test_the_floor_is_a_parameter_and_the_maximum_stays(pg: Server, fresh_db: str) -> None:
     _setup(pg, fresh_db)
-    metrics = _collect(pg, fresh_db, floor=0.95)
+    metrics = _collect(pg, fresh_db, RAISED_ALERTS, floor=0.95)
     assert [labels["sequencename"] for labels, _ in metrics.find("pg_sequence_used_ratio")] == ["near"]
     assert metrics.value("pg_sequences_max_used_ratio", datname=fresh_db) == pytest.approx(0.96, abs=0.001)
     pg.execute("SELECT setval('app.near', 1000)", fresh_db)  # exhausted: the next nextval() fails
-    metrics = _collect(pg, fresh_db, floor=0.95)
+    metrics = _collect(pg, fresh_db, RAISED_ALERTS, floor=0.95)
     assert metrics.value("pg_sequence_used_ratio", sequencename="near") == 1.0
     assert metrics.value("pg_sequence_remaining_values", sequencename="near") == 0
 

@@ -76,10 +76,14 @@ def collect_once(server: Server, only: list[str] | None = None, targets: list[di
         return runner.collect()
 
 
-def collect_in(server: Server, db: str, collectors: list[str], **params: Any) -> Metrics:
-    """The collectors, once, as pg_monitor, in database ``db`` only; ``params`` go to each of them. All succeed."""
+def collect_in(server: Server, db: str, collectors: list[str], settings: dict[str, Any] | None = None,
+               **params: Any) -> Metrics:
+    """The collectors, once, as pg_monitor, in database ``db`` only; ``params`` go to each of them, ``settings``
+    are other config keys. All succeed."""
     target = {"name": "main", "dsn": server.dsn(db), "databases": {"include": [db]}}
-    extra = {"collectors": {name: params for name in collectors}} if params else {}
+    extra = dict(settings or {})
+    if params:
+        extra["collectors"] = {name: params for name in collectors}
     metrics = collect_once(server, collectors, targets=[target], **extra)
     for name in collectors:
         assert metrics.value("pgvitals_collector_success", collector=name) == 1, name
