@@ -9,8 +9,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
+
 from exporter.config import Settings, load_settings
-from exporter.localpg import LocalCluster
+from exporter.localpg import LocalCluster, wait_until
 from tests.support.pgbins import bindir_for, selected_major
 
 MONITOR_ROLE = "pgvitals_mon"
@@ -58,9 +60,21 @@ def fresh_database(server: Server) -> Iterator[str]:
     try:
         yield name
     finally:
-        # FORCE ends leftover sessions of a failed test; PostgreSQL 12 has no FORCE (its tests close theirs).
-        force = " WITH (FORCE)" if server.version_num >= 130000 else ""
-        server.execute(f"DROP DATABASE IF EXISTS {name}{force}")
+        if server.version_num >= 130000:
+            server.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")  # ends sessions still connected
+        else:
+            # 12 has no FORCE: end the sessions ourselves (an exporter's closing connections may still be
+            # there for a moment, or a new one arrive meanwhile), then drop.
+            def dropped() -> bool:
+                server.execute("SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity "
+                               f"WHERE datname = '{name}' AND pid <> pg_catalog.pg_backend_pid()")
+                try:
+                    server.execute(f"DROP DATABASE IF EXISTS {name}")
+                except psycopg.errors.ObjectInUse:
+                    return False
+                return True
+
+            wait_until(dropped, timeout=10)
 
 
 def settings_for(targets: list[dict[str, Any]], **extra: Any) -> Settings:
