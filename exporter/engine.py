@@ -8,6 +8,7 @@ from __future__ import annotations
 import enum
 import fnmatch
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -30,11 +31,17 @@ from exporter.db import (
     read_facts,
 )
 from exporter.exposition import label_text, render_rows
-from exporter.hooks import RunContext
+from exporter.hooks import Peer, RunContext
 from exporter.planner import Effective
 from exporter.snapshot import Snapshot
 
 log = logging.getLogger("pgvitals.engine")
+
+#: A collector of a shared pass reuses the pass another ran in the same database this recently (a share
+#: of its own interval: the tolerance its runs' start times have anyway).
+PASS_REUSE = 0.1
+#: Collector state key: when the collector last got its rows in a database (its own pass or a reused one).
+SERVED_AT = "served_at"
 
 
 class ErrorKey(NamedTuple):
@@ -79,6 +86,16 @@ class TargetRuntime:
     # collector -> (objects it was refused at run time, monotonic time of the refusal): not asked again
     # until the probe's re-check lets the denial expire.
     run_denials: dict[str, tuple[frozenset[str], float]] = field(default_factory=dict)
+    # (shared pass, database) -> what the pass last read (RunContext.shared), and a lock per key so that
+    # collectors arriving together run the pass once.
+    passes: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    pass_locks: dict[tuple[str, str], threading.Lock] = field(default_factory=dict)
+    _pass_guard: threading.Lock = field(default_factory=threading.Lock)
+
+    def pass_lock(self, key: tuple[str, str]) -> threading.Lock:
+        """The lock of one shared pass in one database."""
+        with self._pass_guard:
+            return self.pass_locks.setdefault(key, threading.Lock())
 
     def denied(self, collector: Collector) -> frozenset[str]:
         """What ``collector`` needs and may not use here: refused at run time, or by the probe's privilege check."""
@@ -178,7 +195,10 @@ class Engine:
         was_up = runtime.up
         runtime.facts = facts
         self._recheck_denials(runtime)
-        self.snapshot.forget_databases(runtime.name, keep=runtime.databases())
+        kept = set(runtime.databases())
+        self.snapshot.forget_databases(runtime.name, keep=list(kept))
+        for key in [k for k in runtime.passes if k[1] and k[1] not in kept]:
+            del runtime.passes[key]
         runtime.last_errors.pop(PROBE, None)
         runtime.up = True
         runtime.failures = 0
@@ -303,6 +323,43 @@ class Engine:
     ) -> tuple[dict[str, bytes], int, str | None]:
         """One guarded run in one database: (lines by metric, series, skip reason or None)."""
         collector = eff.collector
+        if collector.shared_pass is None:
+            return self._run_in_session(runtime, eff, dbname, {})
+        key = (collector.shared_pass, dbname or "")
+        with runtime.pass_lock(key):
+            shared = runtime.passes.setdefault(key, {})
+            at, sections = shared.get("at"), shared.get("sections", {})
+            state = runtime.state.setdefault((collector.name, dbname or ""), {})
+            served = state.get(SERVED_AT)
+            # Reuse only a pass another collector ran since this one last got its rows, and only a recent one.
+            if at is not None and (served is None or at > served) and collector.name in sections \
+                    and time.monotonic() - at <= PASS_REUSE * eff.interval:
+                state[SERVED_AT] = time.monotonic()
+                return self._render(runtime, collector, dbname, sections[collector.name])
+            try:
+                return self._run_in_session(runtime, eff, dbname, shared)
+            finally:
+                state[SERVED_AT] = time.monotonic()
+
+    def _peers(self, runtime: TargetRuntime, collector: Collector, dbname: str | None) -> dict[str, Peer]:
+        """The enabled collectors of ``collector``'s shared pass, with their parameters and state in ``dbname``."""
+        if collector.shared_pass is None:
+            return {}
+        peers = {}
+        now = time.monotonic()
+        for e in self.applicable(runtime):
+            if e.collector.shared_pass == collector.shared_pass:
+                state = runtime.state.setdefault((e.collector.name, dbname or ""), {})
+                # Due: its next run is expected within the reuse window (runs start up to 10 % late or early).
+                served = state.get(SERVED_AT)
+                due = served is None or now - served >= (1 - 2 * PASS_REUSE) * e.interval
+                peers[e.collector.name] = Peer(e.params, state, due)
+        return peers
+
+    def _run_in_session(
+        self, runtime: TargetRuntime, eff: Effective, dbname: str | None, shared: dict[str, Any]
+    ) -> tuple[dict[str, bytes], int, str | None]:
+        collector = eff.collector
         wait = max(eff.timeout, 1.0)
         with runtime.conns.session(dbname, wait=wait) as session, \
                 session.guarded(eff.timeout, self.settings.lock_timeout, writes=collector.writes):
@@ -314,6 +371,7 @@ class Engine:
             ctx = RunContext(
                 target=runtime.name, database=dbname, facts=runtime.facts, params=eff.params,
                 state=runtime.state.setdefault(key, {}), settings=self.settings, timeout=eff.timeout,
+                collector=collector.name, peers=self._peers(runtime, collector, dbname), shared=shared,
             )
             if collector.fetch is not None:
                 rows = collector.fetch(session, ctx, sql_text)
@@ -322,6 +380,11 @@ class Engine:
                 rows = session.query(sql_text, eff.params if collector.params else None)
         if collector.transform is not None:
             rows = collector.transform(rows, ctx)
+        return self._render(runtime, collector, dbname, rows)
+
+    def _render(
+        self, runtime: TargetRuntime, collector: Collector, dbname: str | None, rows: list[dict[str, Any]]
+    ) -> tuple[dict[str, bytes], int, str | None]:
         if dbname is not None:
             for row in rows:
                 row.setdefault("datname", dbname)
