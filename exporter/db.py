@@ -8,7 +8,7 @@ import re
 import socket
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -273,6 +273,44 @@ WHERE l.locktype = 'relation' AND l.mode = 'AccessExclusiveLock'
   AND COALESCE(x.indrelid, owner.oid, l.relation) = ANY(%(relids)s::oid[])"""
 
 
+class FairSlots:
+    """A counting semaphore that serves waiters in arrival order.
+
+    threading.Semaphore lets a thread that releases and asks again take the slot before a waiter wakes:
+    a sweep over many databases would then keep its slot from one database to the next while another
+    sweep's waiter times out. Here a released slot is handed to the longest waiter.
+    """
+
+    def __init__(self, count: int):
+        self._free = count
+        self._lock = threading.Lock()
+        self._waiters: deque[threading.Event] = deque()
+
+    def acquire(self, timeout: float) -> bool:
+        """Take a slot, waiting at most ``timeout`` seconds; False when none came."""
+        with self._lock:
+            if self._free > 0 and not self._waiters:
+                self._free -= 1
+                return True
+            granted = threading.Event()
+            self._waiters.append(granted)
+        if granted.wait(max(0.0, timeout)):
+            return True
+        with self._lock:
+            if granted.is_set():  # handed over just as the wait ended
+                return True
+            self._waiters.remove(granted)
+            return False
+
+    def release(self) -> None:
+        """Give the slot to the longest waiter, or back to the pool."""
+        with self._lock:
+            if self._waiters:
+                self._waiters.popleft().set()
+            else:
+                self._free += 1
+
+
 class TargetConnections:
     """A bounded set of connections to one server, reused per database.
 
@@ -286,8 +324,8 @@ class TargetConnections:
         self.options = options
         self.limit = limit
         self.idle_limit = limit if idle is None else max(1, idle)
-        self._slots = threading.BoundedSemaphore(limit)
-        self._sweep_slots = threading.BoundedSemaphore(max(1, limit - 1))
+        self._slots = FairSlots(limit)
+        self._sweep_slots = FairSlots(max(1, limit - 1))
         self._idle: OrderedDict[str, list[psycopg.Connection[Row]]] = OrderedDict()
         self._lock = threading.Lock()
         self._open = 0
