@@ -336,10 +336,10 @@ class TargetConnections:
     def _key(self, dbname: str | None) -> str:
         return dbname or self.default_dbname
 
-    def idle_databases(self) -> set[str]:
-        """Databases with a connection open and idle now (a sweep visits them first, to reuse them)."""
+    def idle_databases(self) -> list[str]:
+        """Databases with a connection open and idle now, least recently used first."""
         with self._lock:
-            return {key for key, pool in self._idle.items() if pool}
+            return [key for key, pool in self._idle.items() if pool]
 
     @contextmanager
     def session(self, dbname: str | None = None, wait: float = 30.0) -> Iterator[Session]:

@@ -114,14 +114,23 @@ class TargetRuntime:
         ]
 
 
-def sweep_order(databases: list[str], connected: set[str]) -> list[str]:
-    """Databases with an idle connection first: a sweep reuses those before the least recent are closed.
+def sweep_order(databases: list[str], connected: list[str], keep: str = "") -> list[str]:
+    """The databases in their order, rotated to start at the least recently used one still connected.
 
-    Visiting in a fixed order would miss every time once the databases outnumber the idle connections
-    (the sweep closes the very connection it needs next); this way a sweep opens at most
-    ``len(databases) - len(connected)`` connections.
+    ``connected``: databases with an idle connection, least recently used first; ``keep`` (the DSN's
+    database, never closed first) does not choose the start. A sweep in a fixed order would miss every
+    time once the databases outnumber the idle connections (it closes the very connection it needs
+    next); starting where the previous sweep's connections begin, a sweep opens at most
+    ``len(databases) - len(connected)`` connections. And a sweep that starts while another is running
+    starts right behind it: with connection slots handed over in turn (FairSlots) the two then visit
+    each database one after the other over the same connection.
     """
-    return [db for db in databases if db in connected] + [db for db in databases if db not in connected]
+    listed = set(databases)
+    start = next((db for db in connected if db in listed and db != keep), None)
+    if start is None:
+        return list(databases)
+    i = databases.index(start)
+    return databases[i:] + databases[:i]
 
 
 def _object_name(required: str) -> str:
@@ -251,7 +260,7 @@ class Engine:
             return
         started = time.monotonic()
         databases: list[str | None] = (
-            list(sweep_order(runtime.databases(), runtime.conns.idle_databases()))
+            list(sweep_order(runtime.databases(), runtime.conns.idle_databases(), runtime.conns.default_dbname))
             if collector.scope == "database" else [None]
         )
         results: dict[str, dict[str, bytes]] = {}
