@@ -24,6 +24,9 @@ from exporter.webconfig import WebConfig
 
 log = logging.getLogger("pgvitals.daemon")
 
+#: The executor of per-database collectors (see Daemon.__init__).
+SWEEPS = "sweeps"
+
 
 class Daemon:
     """Runs every collector of every target on its own interval and serves the snapshot."""
@@ -35,8 +38,13 @@ class Daemon:
         self.snapshot = Snapshot(self.catalog, __version__)
         self.engine = Engine(self.catalog, settings, self.snapshot)
         workers = settings.workers or min(64, 4 + 2 * len(self.engine.targets))
+        # Per-database collectors hold a worker for a whole sweep (minutes over 1,000 databases): they get
+        # workers of their own, so that server-level collectors never wait behind them.
+        sweepers = sum(1 for runtime in self.engine.targets.values() for eff in self.engine.applicable(runtime)
+                       if eff.collector.scope == "database")
         self.scheduler = BackgroundScheduler(
-            executors={"default": ThreadPoolExecutor(max_workers=workers)},
+            executors={"default": ThreadPoolExecutor(max_workers=workers),
+                       SWEEPS: ThreadPoolExecutor(max_workers=min(64, max(1, sweepers)))},
             job_defaults={"coalesce": True, "max_instances": 1},
             timezone="UTC",
         )
@@ -63,6 +71,7 @@ class Daemon:
                 self.scheduler.add_job(
                     self.engine.collect, "interval", seconds=eff.interval, args=(runtime, eff),
                     id=self._collector_job_id(runtime, eff), jitter=min(eff.interval * 0.1, 5.0),
+                    executor=SWEEPS if eff.collector.scope == "database" else "default",
                     next_run_time=now + timedelta(days=3650), misfire_grace_time=max(1, int(eff.interval)),
                 )
 
