@@ -116,6 +116,17 @@ def main() -> None:
 
     after_update, _ = timed(one_target_changed, args.repeat)
 
+    # /probe?target=t1: one target's lines, cached between its collections; rebuilt after t1 is re-collected.
+    snapshot.render_target("t1")
+    probe_cached, probe_body = timed(lambda: snapshot.render_target("t1"), args.repeat)
+
+    def probed_target_changed() -> bytes | None:
+        chunks, _, _ = render_rows(METRICS, rows, prefixes["t1"], limit=10**7)
+        snapshot.replace("t1", "bench", {"": chunks})
+        return snapshot.render_target("t1")
+
+    probe_after_update, _ = timed(probed_target_changed, args.repeat)
+
     registry = CollectorRegistry()
     registry.register(GenericCollector(args.targets, rows))
     generic, generic_body = timed(lambda: generate_latest(registry), max(1, args.repeat // 2))
@@ -127,6 +138,10 @@ def main() -> None:
           f"(spread over collections, not on the scrape path)")
     print(f"pgvitals scrape, nothing changed since last scrape:   {cached * 1000:8.1f} ms")
     print(f"pgvitals scrape, one target re-collected in between: {after_update * 1000:8.1f} ms")
+    print(f"pgvitals /probe of one target, nothing changed:      {probe_cached * 1000:8.2f} ms "
+          f"({len(probe_body or b'') / 1e3:.0f} kB)")
+    print(f"pgvitals /probe of one target, it was re-collected:  {probe_after_update * 1000:8.2f} ms "
+          f"(includes rendering its lines, as the collection does)")
     print(f"prometheus_client generate_latest, same series:      {generic * 1000:8.1f} ms")
     print(f"ratio generic / pgvitals (changed): {generic / after_update:.0f}x; (unchanged): {generic / cached:.0f}x")
     print(f"snapshot memory held: {held / 1e6:.0f} MB")

@@ -83,6 +83,13 @@ def statement_mean_seconds(window: str, exec_selector: str = "", calls_selector:
     return f"rate({exec_time}[{window}]) / (rate({calls}[{window}]) > 0)"
 
 
+def autovacuum_workers(selector: str = "") -> str:
+    """Autovacuum workers running on each server, whatever they do, comparable with autovacuum_max_workers."""
+    per_target = grouping("without", labels_beyond("pg_autovacuum_workers", "pg_settings_autovacuum_max_workers"),
+                          "pg_autovacuum_workers")
+    return f"sum {per_target} ({selector or m('pg_autovacuum_workers')})"
+
+
 def wraparound_ratio(age_metric: str, selector: str = "") -> str:
     """An ID age as a fraction of the 2^31 wraparound horizon."""
     return f"{selector or m(age_metric)} / {WRAPAROUND_HORIZON}"
@@ -177,7 +184,8 @@ def recording_rules(config: AlertsConfig) -> list[Recording]:
 # - Everywhere, the alert's settings (its `alerts:` section): {warning}, {seconds}, ... as PromQL numbers;
 #   ``:%`` gives percent, ``:dur`` a duration; {for} and {window} are durations.
 # - In expressions, any catalog metric by name ({pg_up}, checked by promql.m), the recording rules and label
-#   lists in RULE_NAMES; {up} is the scrape health of the configured job.
+#   lists in RULE_NAMES; {up} is the scrape health of the configured job; {IGNORING_METHOD} and
+#   {AUTOVACUUM_WORKERS} are built from the catalog's label lists.
 
 #: Label lists and recording rule names expressions may use, derived from the catalog where they are label lists.
 RULE_NAMES: Mapping[str, str] = {
@@ -259,6 +267,7 @@ class _Fields(dict[str, object]):
             self.update(RULE_NAMES)
             self["up"] = m("up", job=settings.alerts.job)
             self["IGNORING_METHOD"] = _bloat_method()
+            self["AUTOVACUUM_WORKERS"] = autovacuum_workers()
         else:
             self.update(RUNTIME)
 
@@ -282,7 +291,7 @@ def _stale_expr(settings: Settings) -> str | None:
 
     factor = settings.alerts.collector_stale.intervals
     by_interval: dict[float, list[str]] = defaultdict(list)
-    for eff in effective_collectors(catalog_module.load(), settings):
+    for eff in effective_collectors(catalog_module.Catalog.builtin(), settings):
         if eff.enabled:
             by_interval[eff.interval].append(eff.collector.name)
     parts = [
@@ -315,6 +324,17 @@ ALERTS: tuple[AlertSpec, ...] = (
         expr="{pgbouncer_up} == 0",
         summary="PgBouncer {target} is down or refuses the exporter",
         description="pgvitals could not connect to the PgBouncer admin console of {target} for {for}.",
+    ),
+    AlertSpec(
+        name="PostgresRestarted", group="availability", config="restart", severity="warning",
+        # The value is the uptime; the series is only compared within the window, so an exporter that starts
+        # watching a server does not count as a restart.
+        expr="time() - {pg_postmaster_start_time_seconds} "
+             "and changes({pg_postmaster_start_time_seconds}[{within:dur}]) > 0",
+        summary="PostgreSQL {target} restarted {value_age} ago",
+        description="The server {target} started again within the last {within:dur} (up {value_age}): every "
+                    "session was dropped and its caches start cold. A restart nobody planned is a crash or an "
+                    "out-of-memory kill: read the server log.",
     ),
     AlertSpec(
         name="PostgresConnectionsHigh", group="connections", config="connections", severity="warning",
@@ -390,6 +410,32 @@ ALERTS: tuple[AlertSpec, ...] = (
                     "succeeded since: WAL piles up in pg_wal and point-in-time recovery falls behind.",
     ),
     AlertSpec(
+        name="PostgresSubscriptionStopped", group="replication", config="subscription_stopped", severity="warning",
+        # The value tells the two cases apart: enabled (1) with no apply worker, or disabled (0).
+        expr="{pg_subscription_enabled} unless {pg_subscription_apply_workers} > 0",
+        summary="Subscription {labels.subname} on {db} does not replicate",
+        description="Subscription {labels.subname} on {db} has had no apply worker for {for} (enabled: {value}; 0 "
+                    "means disabled, by ALTER SUBSCRIPTION ... DISABLE or disable_on_error): no change arrives from "
+                    "the publisher, whose slot retains WAL meanwhile.",
+    ),
+    AlertSpec(
+        name="PostgresSubscriptionErrors", group="replication", config="subscription_errors", severity="warning",
+        expr="increase({pg_subscription_apply_errors_total}[{window}]) "
+             "+ increase({pg_subscription_sync_errors_total}[{window}]) > {count}",
+        summary="Subscription {labels.subname} on {db} keeps failing ({value_count} errors in {window})",
+        description="The apply and table synchronization workers of subscription {labels.subname} on {db} hit "
+                    "{value_count} errors in the last {window} (threshold {count}), for {for}: each error stops "
+                    "the worker, which restarts and usually fails on the same change (a conflict, a missing table "
+                    "or privilege). The subscriber's log names it.",
+    ),
+    AlertSpec(
+        name="PostgresSubscriptionSilent", group="replication", config="subscription_silent", severity="warning",
+        expr="{pg_subscription_last_message_age_seconds} > {seconds}",
+        summary="Subscription {labels.subname} on {db} has heard nothing from its publisher for {value_age}",
+        description="The apply worker of subscription {labels.subname} on {db} last received a message (data or "
+                    "keepalive) {value_age} ago (threshold {seconds:dur}): the publisher or the link is stalled.",
+    ),
+    AlertSpec(
         name="PostgresLongRunningQuery", group="activity", config="long_query", severity="warning",
         expr="{pg_stat_activity_max_query_duration_seconds} > {seconds}",
         summary="A query on {db} has run for {value_age}",
@@ -459,6 +505,37 @@ ALERTS: tuple[AlertSpec, ...] = (
                     "stops accepting writes before it gets there.",
     ),
     AlertSpec(
+        name="PostgresSequenceNearExhaustion", group="storage", config="sequences", severity="warning",
+        expr="{pg_sequence_used_ratio} > {warning}",
+        summary="Sequence {labels.schemaname}.{labels.sequencename} on {db} has used {value_pct} of its range",
+        description="Sequence {labels.schemaname}.{labels.sequencename} on {db} has handed out {value_pct} of the "
+                    "values it (or the integer column it feeds) can hold, above {warning:%} %: once it is used up, "
+                    "inserts fail. Plan the switch to bigint now.",
+    ),
+    AlertSpec(
+        name="PostgresSequenceImminentExhaustion", group="storage", config="sequences", severity="critical",
+        expr="{pg_sequence_used_ratio} > {critical}",
+        summary="Sequence {labels.schemaname}.{labels.sequencename} on {db} is about to run out ({value_pct} used)",
+        description="Sequence {labels.schemaname}.{labels.sequencename} on {db} has handed out {value_pct} of its "
+                    "usable range (threshold {critical:%} %): inserts that draw from it fail with 'reached maximum "
+                    "value' or an integer overflow when it is used up.",
+    ),
+    AlertSpec(
+        name="PostgresUnusedIndexes", group="storage", config="unused_indexes", severity="info",
+        expr="{pg_index_unused_bytes} > {bytes}",
+        summary="{value_bytes} of unused indexes on {db}",
+        description="Indexes on {db} that enforce nothing (not unique, primary or exclusion) and have not been "
+                    "scanned since the statistics were reset take {value_bytes} (threshold {bytes} bytes): disk, "
+                    "cache and write work that buys nothing. Check standbys and rare jobs before dropping one.",
+    ),
+    AlertSpec(
+        name="PostgresAutovacuumWorkersBusy", group="storage", config="autovacuum_workers", severity="warning",
+        expr="{AUTOVACUUM_WORKERS} >= {pg_settings_autovacuum_max_workers}",
+        summary="All {value} autovacuum workers on {target} have been busy for {for}",
+        description="Every autovacuum worker on {target} ({value}, autovacuum_max_workers) has been busy for {for}: "
+                    "other tables wait for vacuum meanwhile, so dead tuples and transaction ID age grow.",
+    ),
+    AlertSpec(
         name="PgvitalsCollectorFailing", group="exporter", config="collector_failing", severity="warning",
         expr="{pgvitals_collector_success} == 0",
         summary="Collector {labels.collector} fails on {target}",
@@ -479,6 +556,14 @@ ALERTS: tuple[AlertSpec, ...] = (
         description="The monitoring role on {target} may not use {labels.object} (or the platform does not "
                     "support it), so collector {labels.collector} is skipped and its metrics are missing. Grant "
                     "the privilege to collect them; nothing else is affected.",
+    ),
+    AlertSpec(
+        name="PgvitalsConfigReloadFailed", group="exporter", config="config_reload", severity="warning",
+        expr="{pgvitals_config_last_reload_successful} == 0",
+        summary="pgvitals {labels.instance} rejected its new configuration",
+        description="The last configuration reload of pgvitals at {labels.instance} was invalid for {for}: it "
+                    "still runs on the previous configuration, so recent changes (targets, collectors, web "
+                    "config) are not in force. The exporter log lists every problem with its YAML path.",
     ),
     AlertSpec(
         name="PgvitalsDatabaseUnavailable", group="exporter", config="database_unavailable", severity="info",

@@ -6,6 +6,7 @@ the one validated catalog built here, so a metric name exists in exactly one pla
 
 from __future__ import annotations
 
+import functools
 import importlib
 import itertools
 import pkgutil
@@ -40,6 +41,9 @@ VERSION_INFINITY = 10**9
 
 _METRIC_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
 _LABEL_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
+# What Prometheus itself accepts: postgres_exporter's queries files may use it (our own names are stricter).
+_COMPAT_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+_COMPAT_LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 RESERVED_LABELS = ("target",)
 
 
@@ -122,6 +126,15 @@ class Collector:
     # Collectors naming the same pass read one database in one query (their shared variants and fetch
     # hook answer all of them); one that runs within 10 % of its interval after another's pass reuses it.
     shared_pass: str | None = None
+    # Where a user declared it ("" for a built-in): the config path, or the queries file and namespace.
+    origin: str = ""
+    # Metric names follow postgres_exporter's queries.yaml rule (namespace_column, counters without _total).
+    compat_names: bool = False
+
+    @property
+    def custom(self) -> bool:
+        """True for a collector the user declared (config or queries file), not one we ship."""
+        return bool(self.origin)
 
     def variant_for(self, version: int) -> SqlVariant | None:
         """The SQL variant for ``version``, or None when no variant covers it."""
@@ -136,13 +149,43 @@ class Collector:
 
 
 @dataclass(frozen=True)
+class ShadowedMetric:
+    """A custom metric left out because a built-in metric already exports that name (the built-in wins)."""
+
+    name: str
+    collector: str  # the custom collector that declared it
+    origin: str  # where it was declared
+    owner: str  # the built-in collector exporting the name
+
+
+@dataclass(frozen=True)
 class Catalog:
-    """The validated set of collectors and every metric they (and the exporter itself) yield."""
+    """The validated set of collectors and every metric they (and the exporter itself) yield.
+
+    A value, passed to whoever reads it: :meth:`builtin` is what we ship; the daemon's catalog adds the
+    user's declarations to it (exporter.custom).
+    """
 
     collectors: tuple[Collector, ...]
     self_metrics: tuple[MetricSpec, ...]
     by_name: Mapping[str, Collector] = field(default_factory=dict)
     metric_owner: Mapping[str, str] = field(default_factory=dict)
+    shadowed: tuple[ShadowedMetric, ...] = ()  # custom metrics skipped for a built-in of the same name
+
+    @classmethod
+    def builtin(cls) -> Catalog:
+        """The catalog of the collectors we ship (no user declarations); validated once, immutable."""
+        return _builtin()
+
+    def with_custom(self, collectors: Sequence[Collector], shadowed: Sequence[ShadowedMetric] = ()) -> Catalog:
+        """This catalog plus user-declared collectors, validated together; CatalogError on a broken rule."""
+        built = validate([*self.collectors, *collectors], self.self_metrics)
+        return Catalog(built.collectors, built.self_metrics, built.by_name, built.metric_owner,
+                       (*self.shadowed, *shadowed))
+
+    def custom_collectors(self) -> tuple[Collector, ...]:
+        """The user-declared collectors, in declaration order."""
+        return tuple(c for c in self.collectors if c.custom)
 
     def metrics(self) -> Iterable[MetricSpec]:
         """Every metric spec: the collectors' first, then the exporter's own."""
@@ -173,7 +216,8 @@ PGBOUNCER_UP = _self_metric("pgbouncer_up", "gauge", "1 when the last connection
                             "succeeded, 0 when it failed; absent before the first.", ())
 PG_UP_REASON = _self_metric(
     "pg_up_reason", "gauge", "1 with the reason the last connection attempt failed (connection: unreachable, auth: "
-    "login refused, too_many_connections: no slot left, refused: another refusal); absent while pg_up is 1.",
+    "login refused, too_many_connections: no slot left, refused: another refusal, secret: password_file or "
+    "password_command failed); absent while pg_up is 1.",
     ("reason",))
 PGBOUNCER_UP_REASON = _self_metric(
     "pgbouncer_up_reason", "gauge", "1 with the reason the last connection to the PgBouncer console failed "
@@ -234,12 +278,25 @@ COLLECTOR_DATA_AGE = _self_metric(
     ("collector",),
     "seconds",
 )
+SHARD_TARGETS = MetricSpec(
+    name="pgvitals_shard_targets", kind="gauge",
+    help="Configured targets (PostgreSQL and PgBouncer) this process polls as shard `shard` of `shards` "
+         "(shard 0 of 1 when the configuration has no shard:).",
+    labels=("shard", "shards"), per_target=False)
 BUILD_INFO = MetricSpec(name="pgvitals_build_info", kind="info", help="pgvitals build information (value 1).",
                         labels=("version",), per_target=False)
+CONFIG_RELOAD_SUCCESS = MetricSpec(
+    name="pgvitals_config_last_reload_successful", kind="gauge", labels=(), per_target=False,
+    help="1 when the last configuration (re)load succeeded, 0 when the last reload was invalid and the previous "
+    "configuration stays in force.")
+CONFIG_RELOAD_TIME = MetricSpec(
+    name="pgvitals_config_last_reload_success_timestamp_seconds", kind="gauge", labels=(), per_target=False,
+    unit="seconds", help="Unix time of the last successful configuration load (the start, or a reload).")
 SELF_METRICS: tuple[MetricSpec, ...] = (
     PG_UP, PGBOUNCER_UP, PG_UP_REASON, PGBOUNCER_UP_REASON, DATABASE_UNAVAILABLE, COLLECTOR_DENIED,
     COLLECTOR_SUCCESS, COLLECTOR_DURATION, COLLECTOR_LAST_SUCCESS, COLLECTOR_ERRORS,
-    COLLECTOR_SERIES, COLLECTOR_SKIPPED, COLLECTOR_DATA_AGE, BUILD_INFO,
+    COLLECTOR_SERIES, COLLECTOR_SKIPPED, COLLECTOR_DATA_AGE, SHARD_TARGETS, BUILD_INFO,
+    CONFIG_RELOAD_SUCCESS, CONFIG_RELOAD_TIME,
 )
 
 
@@ -268,7 +325,7 @@ def validate(collectors: Sequence[Collector], self_metrics: Sequence[MetricSpec]
         if collector.writes and (collector.enabled or collector.role != "primary"):
             problems.append(f"{where}: a collector that writes must be disabled by default and primary-only")
         for spec in collector.metrics:
-            problems.extend(_check_metric(spec, where))
+            problems.extend(_check_metric(spec, where, compat=collector.compat_names))
             if spec.name in owners:
                 problems.append(f"{where}: metric {spec.name} already declared by {owners[spec.name]}")
             owners[spec.name] = collector.name
@@ -284,39 +341,51 @@ def validate(collectors: Sequence[Collector], self_metrics: Sequence[MetricSpec]
     )
 
 
-def _check_metric(spec: MetricSpec, where: str) -> list[str]:
+def _check_metric(spec: MetricSpec, where: str, compat: bool = False) -> list[str]:
+    return [f"{where}: {problem}" for problem in metric_problems(spec, compat)]
+
+
+def metric_problems(spec: MetricSpec, compat: bool = False) -> list[str]:
+    """What breaks the metric rules; ``compat`` names (postgres_exporter's) may be counters without ``_total``."""
     problems = []
-    if not _METRIC_NAME.match(spec.name):
-        problems.append(f"{where}: bad metric name {spec.name!r}")
-    if spec.kind == "counter" and not spec.name.endswith("_total"):
-        problems.append(f"{where}: counter {spec.name} must end in _total")
-    if spec.kind != "counter" and spec.name.endswith("_total"):
-        problems.append(f"{where}: {spec.name} ends in _total but is a {spec.kind}")
+    name_rule, label_rule = (_COMPAT_NAME, _COMPAT_LABEL) if compat else (_METRIC_NAME, _LABEL_NAME)
+    if not name_rule.match(spec.name):
+        problems.append(f"bad metric name {spec.name!r}")
+    if compat:
+        pass  # postgres_exporter's names are kept as they are: its users' queries and dashboards expect them
+    elif spec.kind == "counter" and not spec.name.endswith("_total"):
+        problems.append(f"counter {spec.name} must end in _total")
+    elif spec.kind != "counter" and spec.name.endswith("_total"):
+        problems.append(f"{spec.name} ends in _total but is a {spec.kind}")
     if spec.kind == "info" and spec.value is not None:
-        problems.append(f"{where}: info metric {spec.name} takes no value column")
+        problems.append(f"info metric {spec.name} takes no value column")
     if not spec.help.strip():
-        problems.append(f"{where}: metric {spec.name} has no help text")
+        problems.append(f"metric {spec.name} has no help text")
     for label in spec.labels:
-        if not _LABEL_NAME.match(label) or label in RESERVED_LABELS or label.startswith("__"):
-            problems.append(f"{where}: metric {spec.name} has bad or reserved label {label!r}")
+        if not label_rule.match(label) or label in RESERVED_LABELS or label.startswith("__"):
+            problems.append(f"metric {spec.name} has bad or reserved label {label!r}")
     if len(set(spec.labels)) != len(spec.labels):
-        problems.append(f"{where}: metric {spec.name} repeats a label")
+        problems.append(f"metric {spec.name} repeats a label")
     return problems
 
 
 def _overlaps(collector: Collector) -> list[str]:
-    ordered = sorted(collector.variants, key=lambda v: v.min_version)
+    return [f"collector {collector.name!r}: {problem}" for problem in variant_problems(collector.variants)]
+
+
+def variant_problems(variants: Sequence[SqlVariant]) -> list[str]:
+    """Overlapping or empty version ranges among ``variants``."""
+    ordered = sorted(variants, key=lambda v: v.min_version)
     problems = []
     for earlier, later in itertools.pairwise(ordered):
         if later.min_version < earlier.max_version:
             problems.append(
-                f"collector {collector.name!r}: variants [{earlier.min_version}, {earlier.max_version}) and "
+                f"variants [{earlier.min_version}, {earlier.max_version}) and "
                 f"[{later.min_version}, {later.max_version}) overlap"
             )
-    for variant in collector.variants:
+    for variant in variants:
         if variant.min_version >= variant.max_version:
-            problems.append(f"collector {collector.name!r}: empty version range [{variant.min_version}, "
-                            f"{variant.max_version})")
+            problems.append(f"empty version range [{variant.min_version}, {variant.max_version})")
     return problems
 
 
@@ -330,12 +399,12 @@ def discover(package: str = "exporter.collectors") -> list[Collector]:
     return found
 
 
-_CATALOG: Catalog | None = None
+@functools.cache
+def _builtin() -> Catalog:
+    # Cached because the built-in declarations are code: they cannot change while the process runs.
+    return validate(discover())
 
 
 def load() -> Catalog:
-    """The process-wide validated catalog (built once)."""
-    global _CATALOG
-    if _CATALOG is None:
-        _CATALOG = validate(discover())
-    return _CATALOG
+    """The built-in catalog (same as ``Catalog.builtin()``); the running exporter's catalog is passed around."""
+    return Catalog.builtin()

@@ -1,4 +1,4 @@
-"""Command line: run | once | check | demo | docs | dashboards | alerts."""
+"""Command line: run | once | check | demo | docs | dashboards | alerts | kubernetes."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,7 @@ from exporter.secrets import redact
 
 if TYPE_CHECKING:
     from exporter.engine import TargetRuntime
+    from exporter.webconfig import WebConfig
 
 EXIT_CONFIG = 2
 EXIT_UNREACHABLE = 1
@@ -56,7 +58,16 @@ def _settings(args: argparse.Namespace) -> Settings:
     raw = None
     if getattr(args, "dsn", None):
         raw = {"targets": [{"name": args.name, "dsn": args.dsn}]}
-    return load_settings(Path(args.config) if args.config else None, raw=raw)
+    overrides = {"shard": args.shard} if getattr(args, "shard", None) else None
+    return load_settings(Path(args.config) if args.config else None, raw=raw, overrides=overrides)
+
+
+def shard_argument(text: str) -> dict[str, int | str]:
+    """``--shard I/N`` (or ``auto/N``: the StatefulSet pod ordinal in the hostname) as the ``shard:`` section."""
+    index, sep, count = text.partition("/")
+    if not sep or not count.isdigit() or not (index.isdigit() or index == "auto"):
+        raise argparse.ArgumentTypeError(f"expected INDEX/COUNT or auto/COUNT, e.g. 1/3, not {text!r}")
+    return {"index": "hostname" if index == "auto" else int(index), "count": int(count)}
 
 
 def _config_failure(error: ConfigError, source: str | None) -> int:
@@ -66,26 +77,42 @@ def _config_failure(error: ConfigError, source: str | None) -> int:
     return EXIT_CONFIG
 
 
+def config_source(args: argparse.Namespace) -> Callable[[], tuple[Settings, WebConfig | None]]:
+    """Reads the configuration and web config of ``run`` as they are on disk (at the start and at each reload)."""
+    from exporter.webconfig import load_web_config
+
+    def load() -> tuple[Settings, WebConfig | None]:
+        try:
+            settings = _settings(args)
+        except ConfigError as error:
+            if args.config:  # named in the reload's log lines, as WebConfigError names its file
+                error.source = args.config  # type: ignore[attr-defined]
+            raise
+        web_config_file = Path(args.web_config_file) if args.web_config_file else settings.web_config_file
+        return settings, load_web_config(web_config_file) if web_config_file else None
+
+    return load
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Start the daemon."""
     from exporter.daemon import Daemon
-    from exporter.webconfig import load_web_config
 
-    settings = _settings(args)
-    web_config_file = Path(args.web_config_file) if args.web_config_file else settings.web_config_file
-    web = load_web_config(web_config_file) if web_config_file else None  # exit 2 before anything starts
+    source = config_source(args)
+    settings, web = source()  # exit 2 before anything starts
     setup_logging(args.log_level or settings.log.level, settings.log.format)
-    Daemon(settings, web=web).run_forever()
+    Daemon(settings, web=web, source=source, lifecycle=args.web_enable_lifecycle).run_forever()
     return 0
 
 
 def _probe_all(args: argparse.Namespace) -> tuple[object, int]:
+    from exporter.custom import build_catalog
     from exporter.engine import Engine
     from exporter.snapshot import Snapshot
 
     settings = _settings(args)
     setup_logging(args.log_level or settings.log.level, settings.log.format)
-    cat = catalog.load()
+    cat = build_catalog(settings)
     engine = Engine(cat, settings, Snapshot(cat, __version__))
     down = 0
     for runtime in engine.targets.values():
@@ -117,6 +144,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     engine, down = _probe_all(args)
     assert isinstance(engine, Engine)
     print(f"configuration OK: {len(engine.targets)} target(s)")
+    _print_custom(engine.catalog)
     for runtime in engine.targets.values():
         facts = runtime.facts
         if not runtime.up:
@@ -152,6 +180,21 @@ def cmd_check(args: argparse.Namespace) -> int:
                 print(f"  {name:<32} FAILED: {'; '.join(errors) or 'see log'}")
     engine.close()
     return EXIT_UNREACHABLE if down else 0
+
+
+def _print_custom(cat: catalog.Catalog) -> None:
+    """The user's collectors and the custom metrics left to a built-in of the same name (for `check`)."""
+    custom = cat.custom_collectors()
+    if not custom and not cat.shadowed:
+        return
+    print(f"custom collectors: {len(custom)} ({sum(len(c.metrics) for c in custom)} metrics)")
+    for collector in custom:
+        print(f"  {collector.name:<32} {collector.origin}: {', '.join(spec.name for spec in collector.metrics)}")
+    if cat.shadowed:
+        print(f"custom metrics skipped, a built-in metric has the name ({len(cat.shadowed)}; "
+              "strict_custom: true makes this an error):")
+        for item in cat.shadowed:
+            print(f"  {item.name:<40} from {item.origin}; exported by built-in collector {item.owner}")
 
 
 #: What `check` says for each reason a collector is skipped (catalog.SKIP_REASONS, all of them).
@@ -213,13 +256,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_docs(args: argparse.Namespace) -> int:
-    """Write docs/metrics.md from the catalog."""
-    from exporter.docs import metrics_markdown
+    """Write docs/metrics.md from the built-in catalog (and docs/compat.md in a checkout, where the mixin data
+    is); with --config print the "custom" section instead."""
+    from exporter.compat_docs import MIXIN_FILE, compat_markdown, load_mixin
+    from exporter.docs import custom_markdown, metrics_markdown
 
+    if args.config:
+        from exporter.custom import build_catalog
+
+        sys.stdout.write(custom_markdown(build_catalog(load_settings(Path(args.config)))))
+        return 0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(metrics_markdown(catalog.load()), encoding="utf-8")
+    out.write_text(metrics_markdown(catalog.Catalog.builtin()), encoding="utf-8")
     print(f"wrote {out}")
+    if args.compat_out and MIXIN_FILE.exists():
+        compat_out = Path(args.compat_out)
+        compat_out.write_text(compat_markdown(catalog.load(), load_mixin()), encoding="utf-8")
+        print(f"wrote {compat_out}")
     return 0
 
 
@@ -248,6 +302,18 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kubernetes(args: argparse.Namespace) -> int:
+    """Write the generated Kubernetes manifests (PrometheusRule, dashboard ConfigMaps)."""
+    from exporter.kubernetes import generated_files
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in generated_files(_alerts_settings(args)).items():
+        (out / name).write_text(text, encoding="utf-8")
+        print(f"wrote {out / name}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every command."""
     parser = argparse.ArgumentParser(prog="pgvitals", description=__doc__ and "PostgreSQL exporter for Prometheus")
@@ -266,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     with_source(run, dsn=True)
     run.add_argument("--web.config.file", dest="web_config_file", metavar="FILE",
                      help="exporter-toolkit web config (TLS, basic auth, headers); overrides web_config_file")
+    run.add_argument("--shard", type=shard_argument, metavar="I/N",
+                     help="poll only the configured targets that fall to shard I of N (rendezvous hash of the "
+                     "target name); auto/N takes I from the StatefulSet pod ordinal in the hostname; overrides shard:")
     run.add_argument("--web.enable-lifecycle", dest="web_enable_lifecycle", action="store_true",
                      help="accept POST /-/reload (Prometheus' convention)")
     run.set_defaults(func=cmd_run)
@@ -288,6 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     docs = sub.add_parser("docs", help="generate docs/metrics.md", description="Write the metric reference "
                           "generated from the collector catalog.")
     docs.add_argument("--out", default="docs/metrics.md")
+    docs.add_argument("--compat-out", default="docs/compat.md",
+                      help="postgres_exporter name reference (written in a checkout, from tests/data)")
+    docs.add_argument("-c", "--config", help="YAML configuration whose custom collectors and queries files to "
+                      "document: prints their \"custom\" section to stdout (docs/metrics.md stays built-in only)")
     docs.set_defaults(func=cmd_docs)
     dashboards = sub.add_parser("dashboards", help="generate Grafana dashboards", description="Write the Grafana "
                                 "dashboards (JSON) and provisioning files; thresholds from the `alerts:` section "
@@ -301,6 +374,13 @@ def build_parser() -> argparse.ArgumentParser:
     alerts.add_argument("--out", default="alerts")
     alerts.add_argument("-c", "--config", help="YAML configuration file whose `alerts:` section to use")
     alerts.set_defaults(func=cmd_alerts)
+    kubernetes = sub.add_parser("kubernetes", help="generate the Kubernetes PrometheusRule and dashboard ConfigMaps",
+                                description="Write deploy/kubernetes/'s generated manifests: the rule file as a "
+                                "PrometheusRule and the dashboards as ConfigMaps for Grafana's sidecar; thresholds "
+                                "from the `alerts:` section of --config, defaults without it.")
+    kubernetes.add_argument("--out", default="deploy/kubernetes")
+    kubernetes.add_argument("-c", "--config", help="YAML configuration file whose `alerts:` section to use")
+    kubernetes.set_defaults(func=cmd_kubernetes)
     return parser
 
 

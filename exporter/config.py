@@ -6,13 +6,15 @@ import functools
 import ipaddress
 import os
 import re
+import shutil
+import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -88,7 +90,7 @@ def reserved_label_names() -> frozenset[str]:
     """Label names pgvitals sets itself: ``target`` and every label of every metric in the catalog."""
     from exporter import catalog
 
-    return frozenset({"target"} | {label for spec in catalog.load().metrics() for label in spec.labels})
+    return frozenset({"target"} | {label for spec in catalog.Catalog.builtin().metrics() for label in spec.labels})
 
 
 def _check_labels(value: dict[str, str]) -> dict[str, str]:
@@ -110,9 +112,21 @@ class Endpoint(_Strict):
 
     name: Name
     dsn: Dsn
-    password_file: Path | None = None
+    password_file: Path | None = None  # read at each new connection: a rotated file needs no restart
     password_env: str | None = None
+    # argv (no shell) whose stdout is the password or token (RDS IAM, Entra ID, GCP), kept for the TTL.
+    password_command: list[str] | None = Field(default=None, min_length=1)
+    password_command_ttl: Duration = 600.0
+    password_command_timeout: Duration = 10.0
     labels: ConstLabels = Field(default_factory=dict)
+
+    @field_validator("password_command", mode="before")
+    @classmethod
+    def _argv(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            raise ValueError("expected a list of arguments such as [aws, rds, generate-db-auth-token, ...] "
+                             "(no shell runs it)")
+        return value
 
 
 class TargetConfig(Endpoint):
@@ -183,7 +197,7 @@ def collector_settings_model(name: str) -> type[CollectorSettings]:
     from exporter import catalog
 
     fields: dict[str, Any] = {}
-    for param in catalog.load().by_name[name].params:
+    for param in catalog.Catalog.builtin().by_name[name].params:
         kind: Any = type(param.default)
         minimum = 0 if kind in (int, float) else None  # counts, sizes and seconds: never negative
         # Strict: YAML already gives typed values, and `top_n: true` or `query_text: 1` is a mistake.
@@ -199,8 +213,89 @@ def collectors_section_model() -> type[BaseModel]:
     """A model of the ``collectors:`` section: one optional entry per catalog collector, nothing else."""
     from exporter import catalog
 
-    fields: dict[str, Any] = {name: (collector_settings_model(name) | None, None) for name in catalog.load().by_name}
+    builtin = catalog.Catalog.builtin().by_name
+    fields: dict[str, Any] = {name: (collector_settings_model(name) | None, None) for name in builtin}
     return create_model("collectors_section", __base__=_Strict, __doc__="collectors", **fields)
+
+
+_NATIVE_NAME = r"^[a-z_][a-z0-9_]*$"
+#: The top of the version space custom variants may name (catalog.VERSION_INFINITY; config imports no catalog).
+_NO_UPPER_VERSION = 10**9
+
+
+class CustomMetricConfig(_Strict):
+    """One metric of a custom collector: as a built-in declaration (exporter.catalog.MetricSpec)."""
+
+    name: str = Field(pattern=_NATIVE_NAME, max_length=200)
+    kind: Literal["counter", "gauge", "info"] = "gauge"
+    value: str | None = None  # the result column holding the value; none for an info metric
+    labels: list[str] = Field(default_factory=list)  # result columns that become labels
+    help: str = Field(min_length=1)
+    unit: str = ""
+    scale: float = 1.0
+
+    @model_validator(mode="after")
+    def _value_column(self) -> CustomMetricConfig:
+        if self.kind == "info" and self.value is not None:
+            raise ValueError("an info metric takes no value column (its value is 1, its content the labels)")
+        if self.kind != "info" and not self.value:
+            raise ValueError(f"a {self.kind} needs `value`: the result column holding its value")
+        return self
+
+
+class CustomVariantConfig(_Strict):
+    """The SQL for one server version range ``[min_version, max_version)`` (server_version_num, e.g. 150000)."""
+
+    sql: str = Field(min_length=1)
+    min_version: int = Field(default=0, ge=0)
+    max_version: int = Field(default=_NO_UPPER_VERSION, gt=0)
+
+
+class CustomCollectorConfig(_Strict):
+    """A collector declared in the configuration, with the fields of a built-in declaration."""
+
+    name: str = Field(pattern=_NATIVE_NAME, max_length=120)
+    help: str = ""
+    sql: str | None = Field(default=None, min_length=1)  # one SQL for every version
+    variants: list[CustomVariantConfig] = Field(default_factory=list)  # or SQL per version range
+    scope: Literal["server", "database"] = "server"
+    role: Literal["any", "primary", "standby"] = "any"
+    interval: Duration = 30.0
+    timeout: Duration = 5.0
+    max_series: int = Field(default=1000, ge=1, le=100_000)
+    enabled: bool = True
+    metrics: list[CustomMetricConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _sql_and_timing(self) -> CustomCollectorConfig:
+        if (self.sql is None) == (not self.variants):
+            raise ValueError("give either `sql` or `variants` (SQL per version range), not both, not neither")
+        if self.timeout >= self.interval:
+            raise ValueError(f"timeout ({self.timeout:g}s) must be shorter than the interval ({self.interval:g}s)")
+        return self
+
+
+class QueriesFileConfig(_Strict):
+    """A postgres_exporter queries.yaml file, with how often and how long its queries may run."""
+
+    path: Path
+    interval: Duration = 30.0  # a query's cache_seconds, when longer, is its interval
+    timeout: Duration = 5.0
+    max_series: int = Field(default=10_000, ge=1, le=100_000)
+
+    @model_validator(mode="after")
+    def _timing(self) -> QueriesFileConfig:
+        if self.timeout >= self.interval:
+            raise ValueError(f"timeout ({self.timeout:g}s) must be shorter than the interval ({self.interval:g}s)")
+        return self
+
+
+def _file_entry(value: Any) -> Any:
+    """A bare path is the short form of ``{path: ...}``."""
+    return {"path": value} if isinstance(value, str) else value
+
+
+QueriesFile = Annotated[QueriesFileConfig, BeforeValidator(_file_entry)]
 
 
 class LogConfig(_Strict):
@@ -290,7 +385,7 @@ class SlotInactiveAlert(_AlertRule):
 
 
 class DurationAlert(_AlertRule):
-    """A session or wait older than ``seconds``."""
+    """A session, wait or silence longer than ``seconds``."""
 
     for_: PendingDuration = Field(default=60.0, alias="for")
     seconds: Duration = 300.0
@@ -302,11 +397,24 @@ class LockWaitAlert(DurationAlert):
     seconds: Duration = 30.0
 
 
-class DeadlockAlert(_AlertRule):
-    """Deadlocks within the rate window (fires above this count)."""
+class EventCountAlert(_AlertRule):
+    """Events (deadlocks, errors) within the rate window: fires above ``count``."""
 
     for_: PendingDuration = Field(default=0.0, alias="for")
     count: int = Field(default=0, ge=0)
+
+
+class SubscriptionErrorsAlert(EventCountAlert):
+    """A subscription's apply and sync errors; a publisher restart costs one or two, a conflict loops."""
+
+    for_: PendingDuration = Field(default=300.0, alias="for")
+    count: int = Field(default=2, ge=0)
+
+
+class SubscriptionSilentAlert(DurationAlert):
+    """No message from the publisher for ``seconds``; a healthy one sends keepalives every ~30 s."""
+
+    seconds: Duration = 120.0
 
 
 class SlowStatementsAlert(_AlertRule):
@@ -338,6 +446,33 @@ class WraparoundAlert(_TwoLevels):
     critical: float = _ratio(0.75)
 
 
+class SequenceAlert(_TwoLevels):
+    """Share of a sequence's usable range handed out (only sequences above the collector's floor are seen)."""
+
+    warning: float = _ratio(0.8)
+    critical: float = _ratio(0.95)
+
+
+class RestartAlert(_AlertRule):
+    """A server (postmaster) start seen within the last ``within``."""
+
+    for_: PendingDuration = Field(default=0.0, alias="for")
+    within: Duration = 600.0
+
+
+class UnusedIndexesAlert(_AlertRule):
+    """Unused indexes of a database above ``bytes``; long `for`: right after a stats reset nothing is scanned."""
+
+    for_: PendingDuration = Field(default=3600.0, alias="for")
+    bytes: int = Field(default=1 << 30, ge=0)
+
+
+class AutovacuumWorkersAlert(_AlertRule):
+    """Every autovacuum worker busy (tables queue for vacuum) for ``for``."""
+
+    for_: PendingDuration = Field(default=1800.0, alias="for")
+
+
 class CollectorFailingAlert(_AlertRule):
     """A collector whose last run failed."""
 
@@ -348,6 +483,12 @@ class NoticeAlert(_AlertRule):
     """An ``info`` notice: something to fix when convenient, never a page."""
 
     for_: PendingDuration = Field(default=900.0, alias="for")
+
+
+class ReloadFailedAlert(_AlertRule):
+    """The last configuration reload was invalid: the exporter still runs on the previous configuration."""
+
+    for_: PendingDuration = Field(default=600.0, alias="for")
 
 
 class CollectorStaleAlert(_AlertRule):
@@ -379,15 +520,23 @@ class AlertsConfig(_Strict):
     long_query: DurationAlert = Field(default_factory=DurationAlert)
     idle_in_transaction: DurationAlert = Field(default_factory=DurationAlert)
     lock_wait: LockWaitAlert = Field(default_factory=LockWaitAlert)
-    deadlocks: DeadlockAlert = Field(default_factory=DeadlockAlert)
+    deadlocks: EventCountAlert = Field(default_factory=EventCountAlert)
     slow_statements: SlowStatementsAlert = Field(default_factory=SlowStatementsAlert)
     cache_hit: CacheHitAlert = Field(default_factory=CacheHitAlert)
     bloat: BloatAlert = Field(default_factory=BloatAlert)
     wraparound: WraparoundAlert = Field(default_factory=WraparoundAlert)
+    restart: RestartAlert = Field(default_factory=RestartAlert)
+    sequences: SequenceAlert = Field(default_factory=SequenceAlert)
+    unused_indexes: UnusedIndexesAlert = Field(default_factory=UnusedIndexesAlert)
+    autovacuum_workers: AutovacuumWorkersAlert = Field(default_factory=AutovacuumWorkersAlert)
+    subscription_stopped: _AlertRule = Field(default_factory=_AlertRule)
+    subscription_errors: SubscriptionErrorsAlert = Field(default_factory=SubscriptionErrorsAlert)
+    subscription_silent: SubscriptionSilentAlert = Field(default_factory=SubscriptionSilentAlert)
     collector_failing: CollectorFailingAlert = Field(default_factory=CollectorFailingAlert)
     collector_stale: CollectorStaleAlert = Field(default_factory=CollectorStaleAlert)
     collector_denied: NoticeAlert = Field(default_factory=NoticeAlert)
     database_unavailable: NoticeAlert = Field(default_factory=NoticeAlert)
+    config_reload: ReloadFailedAlert = Field(default_factory=ReloadFailedAlert)
 
 
     @field_validator("runbook_base_url")
@@ -410,6 +559,59 @@ class AlertsConfig(_Strict):
                          "(each rule links to <base>/runbooks.md#<alert>)")
 
 
+#: DSN keywords a probed target or an auth module's own fields give: not accepted among an auth module's options.
+AUTH_MODULE_OWN_KEYWORDS = frozenset({"host", "hostaddr", "port", "dbname", "user", "password", "passfile",
+                                      "sslmode"})
+SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+class AuthModule(_Strict):
+    """How to log in to a server Prometheus names in ``/probe?target=HOST:PORT/DB&auth_module=NAME``."""
+
+    user: str = Field(min_length=1)
+    password_file: Path | None = None
+    password_env: str | None = None
+    sslmode: str = "prefer"
+    options: dict[str, str] = Field(default_factory=dict)  # more libpq keywords (sslrootcert, options, ...)
+    # Shell globs of the HOST:PORT/DB a probe may name (the credentials go to whatever host is named).
+    allowed_targets: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
+    max_connections: int = Field(default=2, ge=1, le=20)
+    labels: ConstLabels = Field(default_factory=dict)
+
+    @field_validator("sslmode")
+    @classmethod
+    def _sslmode(cls, value: str) -> str:
+        if value not in SSLMODES:
+            raise ValueError(f"expected one of {', '.join(SSLMODES)}")
+        return value
+
+    @field_validator("options")
+    @classmethod
+    def _options(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if key in AUTH_MODULE_OWN_KEYWORDS:
+                raise ValueError(f"{key!r} is not an option here: the probed target gives host, port and dbname, "
+                                 "the auth module user, password_file/password_env and sslmode")
+        try:
+            conninfo_to_dict(make_conninfo(**value))  # libpq rejects an unknown keyword
+        except Exception:
+            raise ValueError("not valid libpq connection keywords") from None
+        return value
+
+
+class ShardConfig(_Strict):
+    """Which share of the configured targets this process polls (exporter/shards.py)."""
+
+    index: int = Field(ge=0)  # `hostname` in the YAML: the StatefulSet pod ordinal, resolved when loading
+    count: int = Field(ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _below_count(self) -> ShardConfig:
+        if self.index >= self.count:
+            raise ValueError(f"index {self.index} must be below count {self.count} (shards are 0..count-1)")
+        return self
+
+
 class Settings(_Strict):
     """The whole validated configuration."""
 
@@ -429,7 +631,17 @@ class Settings(_Strict):
     workers: int = Field(default=0, ge=0, le=256)  # 0: sized from the number of targets
     log: LogConfig = Field(default_factory=LogConfig)
     web_config_file: Path | None = None  # exporter-toolkit web config: TLS, basic auth (exporter/webconfig.py)
+    shard: ShardConfig | None = None  # None: this process polls every configured target
+    auth_modules: dict[Name, AuthModule] = Field(default_factory=dict)  # for /probe of unconfigured targets
+    dynamic_target_ttl: Duration = 600.0  # a target registered by /probe is dropped this long after its last probe
+    max_dynamic_targets: int = Field(default=100, ge=0, le=10_000)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+    # Which metric names /metrics serves: ours, postgres_exporter's and pgbouncer_exporter's (exporter/compat.py),
+    # or both (a name both use is served once).
+    metric_names: Literal["native", "postgres_exporter", "both"] = "native"
+    queries_files: list[QueriesFile] = Field(default_factory=list)  # postgres_exporter's queries.yaml format
+    custom_collectors: list[CustomCollectorConfig] = Field(default_factory=list)
+    strict_custom: bool = False  # a custom metric named like a built-in one: error instead of skip + warning
 
     @field_validator("collectors", mode="before")
     @classmethod
@@ -489,9 +701,9 @@ def _unknown_key(loc: Loc) -> str:
     from exporter import catalog
 
     if len(loc) == 2 and loc[0] == "collectors":
-        return f"unknown collector (known: {', '.join(sorted(catalog.load().by_name))})"
-    if len(loc) == 3 and loc[0] == "collectors" and str(loc[1]) in catalog.load().by_name:
-        declared = catalog.load().by_name[str(loc[1])].param_defaults()
+        return f"unknown collector (known: {', '.join(sorted(catalog.Catalog.builtin().by_name))})"
+    if len(loc) == 3 and loc[0] == "collectors" and str(loc[1]) in catalog.Catalog.builtin().by_name:
+        declared = catalog.Catalog.builtin().by_name[str(loc[1])].param_defaults()
         return f"unknown key (parameters: {', '.join(sorted(declared)) or 'none'})"
     return "unknown key"
 
@@ -582,12 +794,31 @@ def _report(problems: list[Problem], lines: Mapping[Loc, int]) -> list[str]:
     return sorted(set(texts), key=texts.index)
 
 
+def _resolve_shard_index(data: dict[str, Any], environ: Mapping[str, str]) -> list[Problem]:
+    """``shard.index: hostname``: the StatefulSet pod ordinal at the end of the hostname (``pgvitals-2`` -> 2)."""
+    from exporter.shards import hostname_ordinal
+
+    shard = data.get("shard")
+    if not isinstance(shard, dict) or shard.get("index") != "hostname":
+        return []
+    hostname = environ.get("HOSTNAME") or socket.gethostname()
+    ordinal = hostname_ordinal(hostname)
+    if ordinal is None:
+        del data["shard"]  # reported here, not once more as "not an integer"
+        return [(("shard", "index"), f"the hostname {hostname!r} ends in no -N ordinal (StatefulSet pods are "
+                                     "named NAME-0, NAME-1, ...): give the index as a number")]
+    data["shard"] = {**shard, "index": ordinal}
+    return []
+
+
 def load_settings(
     path: Path | None = None,
     environ: Mapping[str, str] | None = None,
     raw: Mapping[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> Settings:
-    """Read, override from the environment and validate; raise ConfigError with every problem."""
+    """Read, override from the environment and the command line (``overrides``, top-level keys) and validate;
+    raise ConfigError with every problem."""
     environ = os.environ if environ is None else environ
     lines: dict[Loc, int] = {}
     if raw is not None:
@@ -598,18 +829,39 @@ def load_settings(
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(["(top level): expected a mapping of settings"])
-    for replaced in _apply_env(data, environ):
+    replaced_paths = _apply_env(data, environ)
+    for key, value in (overrides or {}).items():
+        data[key] = value
+        replaced_paths.append((key,))
+    for replaced in replaced_paths:
         lines = {loc: line for loc, line in lines.items() if loc[:len(replaced)] != replaced}
-    problems: list[Problem] = []
+    problems: list[Problem] = _resolve_shard_index(data, environ)
     settings: Settings | None = None
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
         problems.extend((tuple(e["loc"]), _describe(e)) for e in exc.errors())
     problems.extend(_semantic_problems(data, environ))
+    if settings is not None:
+        problems.extend(_sequence_floor_problems(settings))
+    if settings is not None and not problems:
+        from exporter import custom  # imports this module: only here, once the settings are valid
+
+        settings = _files_beside(settings, path)
+        problems.extend(custom.declaration_problems(settings))
     if problems or settings is None:
         raise ConfigError(_report(problems, lines))
     return settings
+
+
+def _files_beside(settings: Settings, config_path: Path | None) -> Settings:
+    """Relative queries file paths are read beside the configuration file, wherever pgvitals starts."""
+    if config_path is None or all(entry.path.is_absolute() for entry in settings.queries_files):
+        return settings
+    base = config_path.resolve().parent
+    files = [entry if entry.path.is_absolute() else entry.model_copy(update={"path": base / entry.path})
+             for entry in settings.queries_files]
+    return settings.model_copy(update={"queries_files": files})
 
 
 def _semantic_problems(data: Mapping[str, Any], environ: Mapping[str, str]) -> list[Problem]:
@@ -617,8 +869,8 @@ def _semantic_problems(data: Mapping[str, Any], environ: Mapping[str, str]) -> l
     from exporter import catalog as catalog_module
 
     problems: list[Problem] = []
-    if not data.get("targets") and not data.get("pgbouncers"):
-        problems.append((("targets",), "at least one target (or pgbouncer) is needed"))
+    if not data.get("targets") and not data.get("pgbouncers") and not data.get("auth_modules"):
+        problems.append((("targets",), "at least one target (or pgbouncer, or auth module for /probe) is needed"))
     for section in ("targets", "pgbouncers", "pools"):
         items = data.get(section)
         if not isinstance(items, list):
@@ -636,17 +888,47 @@ def _semantic_problems(data: Mapping[str, Any], environ: Mapping[str, str]) -> l
                 problems.extend(_secret_problems((section, index), item, environ))
             elif not any(item.get(k) for k in ("application_name", "usename", "client_addr")):
                 problems.append(((section, index), "give application_name, usename or client_addr to match sessions"))
+    modules = data.get("auth_modules")
+    if isinstance(modules, dict):
+        for module_name, module in modules.items():
+            if isinstance(module, dict):
+                problems.extend(_secret_problems(("auth_modules", module_name), module, environ))
     collectors = data.get("collectors")
     if isinstance(collectors, dict):
-        known = catalog_module.load().by_name
+        known = catalog_module.Catalog.builtin().by_name
         for name, override in collectors.items():
             if name in known and isinstance(override, dict):
                 problems.extend(_timeout_problems(("collectors", name), known[name], override))
     return problems
 
 
+def _sequence_floor_problems(settings: Settings) -> list[Problem]:
+    """A sequence alert below the collector's floor would never see the sequences between the two."""
+    from exporter import catalog as catalog_module
+
+    rule = settings.alerts.sequences
+    override = settings.collectors.get("pg_sequences")
+    declared = catalog_module.Catalog.builtin().by_name["pg_sequences"].param_defaults()["floor"]
+    floor = float(((override.model_extra if override is not None else None) or {}).get("floor", declared))
+    if rule.enabled and rule.warning < floor:
+        return [(("alerts", "sequences", "warning"),
+                 f"{rule.warning:g} is below collectors.pg_sequences.floor ({floor:g}): sequences under the floor "
+                 "are not exported, so the alert would not see them (lower the floor or raise the threshold)")]
+    return []
+
+
 def _secret_problems(where: Loc, item: Mapping[str, Any], environ: Mapping[str, str]) -> list[Problem]:
     problems: list[Problem] = []
+    command = item.get("password_command")
+    if command is not None:
+        others = [key for key in ("password_file", "password_env") if item.get(key) is not None]
+        if others:
+            problems.append(((*where, "password_command"), f"give either password_command or {others[0]}"))
+        if isinstance(command, list) and command and isinstance(command[0], str) and not _runnable(command[0]):
+            problems.append(((*where, "password_command", 0), f"command not found: {command[0]}"))
+    else:
+        problems.extend(((*where, key), "only used with password_command")
+                        for key in ("password_command_ttl", "password_command_timeout") if key in item)
     password_file = item.get("password_file")
     if isinstance(password_file, str):
         try:
@@ -657,6 +939,13 @@ def _secret_problems(where: Loc, item: Mapping[str, Any], environ: Mapping[str, 
     if isinstance(password_env, str) and password_env not in environ:
         problems.append(((*where, "password_env"), f"environment variable {password_env} is not set"))
     return problems
+
+
+def _runnable(program: str) -> bool:
+    """Whether ``program`` (a path, or a name looked up in PATH) is an executable file."""
+    if os.sep in program:
+        return os.path.isfile(program) and os.access(program, os.X_OK)
+    return shutil.which(program) is not None
 
 
 def _timeout_problems(where: Loc, collector: Any, override: Mapping[str, Any]) -> list[Problem]:

@@ -19,7 +19,7 @@ from psycopg import errors as pgerrors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 
-from exporter.secrets import redact
+from exporter.secrets import PasswordSource, SecretError, redact
 
 Row = dict[str, Any]
 T = TypeVar("T")
@@ -127,13 +127,13 @@ class ConnectOptions:
     """What every connection of a target is opened with."""
 
     dsn: str
-    password: str | None
+    password: PasswordSource | None  # asked at each connection: a rotated password is used at the next one
     application_name: str
     connect_timeout: float
     pgbouncer: bool = False
 
     def conninfo(self, dbname: str | None = None) -> str:
-        """The libpq conninfo for ``dbname`` (the DSN's own database when None)."""
+        """The libpq conninfo for ``dbname`` (the DSN's own database when None); raises SecretError."""
         extra: dict[str, Any] = {
             "application_name": self.application_name,
             "connect_timeout": max(1, round(self.connect_timeout)),
@@ -141,8 +141,9 @@ class ConnectOptions:
         if not self.pgbouncer:
             # Dead peers must not hang a worker forever: let TCP notice within about a minute.
             extra.update(keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3)
-        if self.password is not None:
-            extra["password"] = self.password
+        password = self.password.get() if self.password is not None else None
+        if password is not None:
+            extra["password"] = password
         if dbname is not None:
             extra["dbname"] = dbname
         return make_conninfo(self.dsn, **extra)
@@ -330,6 +331,7 @@ class TargetConnections:
         self._lock = threading.Lock()
         self._open = 0
         self._idle_count = 0
+        self._closed = False
         self.default_dbname = str(conninfo_to_dict(options.dsn).get("dbname") or "")
         self.opened = 0  # connections ever opened: what reconnect churn the server sees
 
@@ -373,6 +375,8 @@ class TargetConnections:
     def _take(self, dbname: str | None) -> psycopg.Connection[Row]:
         key = self._key(dbname)
         with self._lock:
+            if self._closed:
+                raise TargetDown("the target was removed", reason="removed")
             pool = self._idle.get(key)
             while pool:
                 conn = pool.pop()
@@ -395,18 +399,24 @@ class TargetConnections:
 
     def _connect(self, dbname: str | None) -> psycopg.Connection[Row]:
         try:
+            conninfo = self.options.conninfo(dbname)
+        except SecretError as exc:
+            raise TargetDown(str(exc), reason="secret") from None
+        try:
             if self.options.pgbouncer:
                 conn = psycopg.Connection.connect(
-                    self.options.conninfo(dbname), autocommit=True, row_factory=dict_row,
+                    conninfo, autocommit=True, row_factory=dict_row,
                     prepare_threshold=None, cursor_factory=psycopg.ClientCursor,
                 )
             else:
-                conn = psycopg.Connection.connect(
-                    self.options.conninfo(dbname), autocommit=True, row_factory=dict_row, prepare_threshold=None,
-                )
+                conn = psycopg.Connection.connect(conninfo, autocommit=True, row_factory=dict_row,
+                                                  prepare_threshold=None)
         except psycopg.Error as exc:
             whole_server = dbname is None or dbname == self.default_dbname
-            raise connect_failure(exc, whole_server) from None
+            error = connect_failure(exc, whole_server)
+            if error.reason == "auth" and self.options.password is not None:
+                self.options.password.invalidate()  # an expired token: ask the command again next time
+            raise error from None
         return conn
 
     def _close_lru_locked(self) -> bool:
@@ -428,6 +438,10 @@ class TargetConnections:
     def _give_back(self, dbname: str | None, conn: psycopg.Connection[Row]) -> None:
         key = self._key(dbname)
         with self._lock:
+            if self._closed:  # a run that finished after close(): its connection is not kept
+                self._open -= 1
+                conn.close()
+                return
             self._idle.setdefault(key, []).append(conn)
             self._idle.move_to_end(key)
             self._idle_count += 1
@@ -450,6 +464,12 @@ class TargetConnections:
                 for conn in pool:
                     self._open -= 1
                     conn.close()
+
+    def close(self) -> None:
+        """Close every idle connection for good: no new session opens, a borrowed one is closed when given back."""
+        with self._lock:
+            self._closed = True
+        self.close_all()
 
 
 @dataclass

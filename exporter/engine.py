@@ -10,12 +10,14 @@ import fnmatch
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from psycopg.conninfo import conninfo_to_dict
 
-from exporter import planner, secrets
+from exporter import compat, planner, secrets, shards
 from exporter.catalog import Catalog, Collector
 from exporter.config import PgBouncerConfig, Settings, TargetConfig
 from exporter.db import (
@@ -83,14 +85,43 @@ class TargetRuntime:
     last_errors: dict[ErrorKey, str] = field(default_factory=dict)
     state: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     dsn_text: str = ""
+    server: str = ""  # host:port, postgres_exporter's ``server`` label on its legacy metrics
     # collector -> (objects it was refused at run time, monotonic time of the refusal): not asked again
     # until the probe's re-check lets the denial expire.
     run_denials: dict[str, tuple[frozenset[str], float]] = field(default_factory=dict)
+    spec: TargetConfig | PgBouncerConfig | None = None  # what it was built from (a reload compares it)
+    # Set once the target is removed: runs that start later do nothing, and removal waits for running ones.
+    retired: bool = False
+    _busy: int = field(default=0, repr=False, compare=False)
+    _idle: threading.Condition = field(default_factory=threading.Condition, repr=False, compare=False)
     # (shared pass, database) -> what the pass last read (RunContext.shared), and a lock per key so that
     # collectors arriving together run the pass once.
     passes: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     pass_locks: dict[tuple[str, str], threading.Lock] = field(default_factory=dict)
-    _pass_guard: threading.Lock = field(default_factory=threading.Lock)
+    _pass_guard: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    @contextmanager
+    def working(self) -> Iterator[bool]:
+        """Count a probe or run in progress; yields False (do nothing) once the target is retired."""
+        with self._idle:
+            if self.retired:
+                active = False
+            else:
+                active = True
+                self._busy += 1
+        try:
+            yield active
+        finally:
+            if active:
+                with self._idle:
+                    self._busy -= 1
+                    self._idle.notify_all()
+
+    def retire(self, wait: float) -> bool:
+        """Stop new probes and runs, wait up to ``wait`` seconds for running ones; True when none is left."""
+        with self._idle:
+            self.retired = True
+            return self._idle.wait_for(lambda: self._busy == 0, wait)
 
     def pass_lock(self, key: tuple[str, str]) -> threading.Lock:
         """The lock of one shared pass in one database."""
@@ -144,7 +175,9 @@ def build_runtime(cfg: TargetConfig | PgBouncerConfig, settings: Settings) -> Ta
     dsn_password = conninfo_to_dict(cfg.dsn).get("password")
     secrets.register(str(dsn_password) if dsn_password else None)
     options = ConnectOptions(
-        dsn=cfg.dsn, password=secrets.read_secret(cfg.password_file, cfg.password_env),
+        dsn=cfg.dsn,
+        password=secrets.PasswordSource(cfg.password_file, cfg.password_env, cfg.password_command,
+                                        ttl=cfg.password_command_ttl, timeout=cfg.password_command_timeout),
         application_name=settings.application_name, connect_timeout=settings.connect_timeout,
         pgbouncer=is_pgbouncer,
     )
@@ -153,12 +186,28 @@ def build_runtime(cfg: TargetConfig | PgBouncerConfig, settings: Settings) -> Ta
     prefix = label_text([("target", cfg.name), *sorted(cfg.labels.items())])
     runtime = TargetRuntime(
         name=cfg.name, is_pgbouncer=is_pgbouncer, conns=TargetConnections(options, limit, idle), prefix=prefix,
-        dsn_text=dsn_display(cfg.dsn),
+        dsn_text=dsn_display(cfg.dsn), server=_server_label(cfg.dsn), spec=cfg,
     )
     if isinstance(cfg, TargetConfig):
         runtime.include = tuple(cfg.databases.include)
         runtime.exclude = cfg.databases.excluded()
     return runtime
+
+
+def _server_label(dsn: str) -> str:
+    """``host:port`` as postgres_exporter labels a server (its first host; libpq's defaults when unset)."""
+    params = conninfo_to_dict(dsn)
+    host = str(params.get("host") or "localhost").split(",")[0]
+    port = str(params.get("port") or "5432").split(",")[0]
+    return f"{host}:{port}"
+
+
+def polled_configs(settings: Settings) -> list[TargetConfig | PgBouncerConfig]:
+    """The configured targets this process polls: every one, or those whose name falls to its shard."""
+    configs: list[TargetConfig | PgBouncerConfig] = [*settings.targets, *settings.pgbouncers]
+    if settings.shard is None:
+        return configs
+    return [cfg for cfg in configs if shards.owner(cfg.name, settings.shard.count) == settings.shard.index]
 
 
 class Engine:
@@ -168,17 +217,57 @@ class Engine:
         self.catalog = catalog
         self.settings = settings
         self.snapshot = snapshot
-        self.collectors = {e.collector.name: e for e in planner.effective_collectors(catalog, settings)}
+        self.collectors: dict[str, Effective] = {}
+        self.plans: dict[str, compat.Plan] = {}
+        self.required: frozenset[str] = frozenset()
         self.targets: dict[str, TargetRuntime] = {}
+        self.configure(settings)
+        for cfg in polled_configs(settings):
+            self.add_target(cfg)
+
+    def configure(self, settings: Settings, catalog: Catalog | None = None) -> set[str]:
+        """Take (new) settings and catalog; returns the collectors that changed (declaration, interval, timeout,
+        switch, parameters or naming) or went."""
+        catalog = self.catalog if catalog is None else catalog
+        collectors = {e.collector.name: e for e in planner.effective_collectors(catalog, settings)}
+        naming: compat.Naming = settings.metric_names
+        table = compat.validate(catalog) if naming != "native" else ()
+        # What each collector renders in this naming mode, decided once: a run only follows the plan.
+        plans = {name: compat.plan(e.collector, naming, table) for name, e in collectors.items()}
+        changed = {name for name, eff in collectors.items()
+                   if self.collectors.get(name) != eff or self.plans.get(name) != plans[name]}
+        changed |= set(self.collectors) - set(collectors)
+        self.catalog, self.settings, self.naming = catalog, settings, naming
+        self.collectors, self.plans = collectors, plans
+        self.snapshot.use_order(compat.exposition_order(catalog, naming, table), compat.self_order(catalog, naming))
+        shard = settings.shard
+        self.snapshot.set_shard(shard.index if shard else 0, shard.count if shard else 1, len(polled_configs(settings)))
         # Every object an enabled collector requires: the probe asks the server about all of them at once.
-        self.required = frozenset(
-            name for e in self.collectors.values() if e.enabled for name in e.collector.requires
-        )
-        configs: list[TargetConfig | PgBouncerConfig] = [*settings.targets, *settings.pgbouncers]
-        for cfg in configs:
-            runtime = build_runtime(cfg, settings)
-            self.targets[cfg.name] = runtime
-            snapshot.add_target(cfg.name, runtime.prefix, runtime.is_pgbouncer)
+        self.required = frozenset(name for e in collectors.values() if e.enabled for name in e.collector.requires)
+        return changed
+
+    def add_target(self, cfg: TargetConfig | PgBouncerConfig) -> TargetRuntime:
+        """Build and register a runtime for ``cfg`` (not probed yet); the caller schedules it."""
+        runtime = build_runtime(cfg, self.settings)
+        self.snapshot.add_target(cfg.name, runtime.prefix, runtime.is_pgbouncer)
+        # Copy on write: readers iterate over ``targets`` in other threads without a lock.
+        self.targets = {**self.targets, cfg.name: runtime}
+        return runtime
+
+    def remove_target(self, name: str) -> TargetRuntime | None:
+        """Stop using target ``name``: no new runs, running ones awaited, connections closed, series dropped."""
+        runtime = self.targets.get(name)
+        if runtime is None:
+            return None
+        self.targets = {key: value for key, value in self.targets.items() if key != name}
+        runtime.conns.close()  # a run in progress fails fast at its next connection
+        # Runs are bounded by their statement and connect timeouts; the wait only covers those.
+        longest = max((e.timeout for e in self.applicable(runtime)), default=0.0)
+        if not runtime.retire(wait=longest + self.settings.connect_timeout + 5):
+            log.warning("target %s removed while a run was still going; its results will be dropped", name)
+        runtime.conns.close()  # connections given back meanwhile
+        self.snapshot.remove_target(name)
+        return runtime
 
     def applicable(self, runtime: TargetRuntime) -> list[Effective]:
         """Enabled collectors of the target's kind (version and role are checked at each run)."""
@@ -188,6 +277,10 @@ class Engine:
 
     def probe(self, runtime: TargetRuntime) -> Probe:
         """Connect, refresh the server facts and record pg_up; says whether the target is up or came up."""
+        with runtime.working() as active:
+            return self._probe(runtime) if active else Probe.DOWN
+
+    def _probe(self, runtime: TargetRuntime) -> Probe:
         started = time.monotonic()
         try:
             with runtime.conns.session(wait=self.settings.connect_timeout + 5) as session:
@@ -199,7 +292,8 @@ class Engine:
                         facts = read_facts(session, self.required)
         except Exception as exc:  # every failure means "down" for the probe
             error = classify(exc)
-            self._mark_down(runtime, error)
+            if not runtime.retired:  # removed meanwhile: "down" would be a false alarm
+                self._mark_down(runtime, error)
             return Probe.DOWN
         was_up = runtime.up
         runtime.facts = facts
@@ -246,6 +340,11 @@ class Engine:
 
     def collect(self, runtime: TargetRuntime, eff: Effective) -> None:
         """Run one collector on one target (every selected database for per-database collectors)."""
+        with runtime.working() as active:
+            if active:
+                self._collect(runtime, eff)
+
+    def _collect(self, runtime: TargetRuntime, eff: Effective) -> None:
         collector = eff.collector
         if not runtime.up:
             return  # the probe owns reconnection; its backoff keeps us from hammering a dead server
@@ -293,6 +392,8 @@ class Engine:
                 series += count
             else:
                 last_skip = skip
+        if runtime.retired or self.collectors.get(collector.name) != eff:
+            return  # removed, or reconfigured by a reload, while running: the new job's runs count
         finished = time.time()
         duration = time.monotonic() - started
         if not failed and skipped_everywhere and last_skip is not None:
@@ -397,7 +498,14 @@ class Engine:
         if dbname is not None:
             for row in rows:
                 row.setdefault("datname", dbname)
-        chunks, count, truncated = render_rows(collector.metrics, rows, runtime.prefix, collector.max_series)
+        chosen = self.plans[collector.name]
+        chunks, count, truncated = render_rows(chosen.native, rows, runtime.prefix, collector.max_series)
+        if chosen.derived:
+            derived, extra, cut = compat.render_derived(chosen.derived, rows, runtime.prefix, runtime.server,
+                                                        collector.max_series - count)
+            chunks.update(derived)
+            count += extra
+            truncated = truncated or cut
         if truncated:
             log.warning("collector %s on %s: more than %d series, the rest dropped", collector.name,
                         runtime.name, collector.max_series)

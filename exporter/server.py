@@ -1,4 +1,4 @@
-"""HTTP endpoints: /metrics (the snapshot, never a query), /healthz and /readyz, over HTTP or TLS.
+"""HTTP endpoints: /metrics and /probe (the snapshot, never a query), /healthz and /readyz, over HTTP or TLS.
 
 One asyncio loop owns every connection and reads request heads under a deadline, so idle or half-sent
 connections cost a socket, not a thread; the work of a complete request (rendering, gzip, bcrypt) runs in a
@@ -16,12 +16,13 @@ import resource
 import socket
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from http import HTTPStatus
+from urllib.parse import parse_qs
 
 from prometheus_client import REGISTRY, generate_latest
 
@@ -33,6 +34,9 @@ log = logging.getLogger("pgvitals.http")
 
 ReadyCheck = Callable[[], tuple[bool, str]]
 ReloadHook = Callable[[], tuple[bool, str]]
+#: Answers /probe from its query parameters: (status, body); the body is an exposition when the status is 200,
+#: else a message for the caller.
+ProbeHook = Callable[[Mapping[str, str]], tuple[HTTPStatus, bytes]]
 
 MAX_REQUEST_LINE = 8 * 1024
 MAX_HEAD = 16 * 1024  # request line + headers
@@ -84,6 +88,15 @@ class Request:
     path: str
     version: str
     headers: dict[str, str]
+    query: str = ""
+
+    def params(self) -> dict[str, str]:
+        """The query parameters, the first value of each (a repeated one is a client's mistake, not an attack)."""
+        try:
+            parsed = parse_qs(self.query, keep_blank_values=True, strict_parsing=False, max_num_fields=32)
+        except ValueError:
+            raise HttpError(HTTPStatus.BAD_REQUEST) from None
+        return {name: values[0] for name, values in parsed.items()}
 
     @property
     def keep_alive(self) -> bool:
@@ -129,10 +142,21 @@ def parse_head(head: bytes) -> Request:
             headers[key] = value
     if version == "HTTP/1.1" and "host" not in headers:
         raise HttpError(HTTPStatus.BAD_REQUEST)
-    path = target.split("?", 1)[0]
+    path, _, query = target.partition("?")
     if not path.startswith("/"):
         raise HttpError(HTTPStatus.BAD_REQUEST)
-    return Request(method, path, version, headers)
+    return Request(method, path, version, headers, query)
+
+
+def probe_snapshot(snapshot: Snapshot, params: Mapping[str, str]) -> tuple[HTTPStatus, bytes]:
+    """/probe?target=NAME from the snapshot: the target's series, 400 without a name, 404 for an unknown one."""
+    name = params.get("target", "")
+    if not name:
+        return HTTPStatus.BAD_REQUEST, b"give the target to probe: /probe?target=NAME\n"
+    body = snapshot.render_target(name)
+    if body is None:
+        return HTTPStatus.NOT_FOUND, f"unknown target {name!r}: not in this exporter's configuration\n".encode()
+    return HTTPStatus.OK, body
 
 
 @dataclass
@@ -150,13 +174,14 @@ class MetricsServer:
 
     def __init__(self, host: str, port: int, snapshot: Snapshot, ready: ReadyCheck,
                  process_metrics: bool = True, web: WebConfig | None = None, reload: ReloadHook | None = None,
-                 *, read_timeout: float = 10.0, idle_timeout: float = 60.0, workers: int = 4,
-                 max_connections: int = 4096):
+                 probe: ProbeHook | None = None, *, read_timeout: float = 10.0, idle_timeout: float = 60.0,
+                 workers: int = 4, max_connections: int = 4096):
         self.snapshot = snapshot
         self.ready = ready
         self.process_metrics = process_metrics
         self.web = web or WebConfig()
         self.reload = reload
+        self.probe = probe or self.probe_configured
         self.read_timeout = read_timeout
         self.idle_timeout = idle_timeout
         # Stay below the descriptor limit: past it, accept() fails and asyncio stops accepting for a while.
@@ -176,6 +201,13 @@ class MetricsServer:
         self._waiting: dict[asyncio.StreamWriter, None] = {}
         self._connections: set[asyncio.StreamWriter] = set()
 
+    def apply_web(self, web: WebConfig | None) -> None:
+        """Serve new connections with another web config (a reload); open connections keep theirs."""
+        web = web or WebConfig()
+        tls = TlsContexts(web.tls) if web.tls else None
+        auth = BasicAuth(web.users) if web.users else None
+        self.web, self.tls, self.auth = web, tls, auth
+
     @property
     def port(self) -> int:
         """The bound port (useful when 0 was asked for)."""
@@ -192,6 +224,10 @@ class MetricsServer:
         if self.process_metrics:
             body += generate_latest(REGISTRY)
         return body
+
+    def probe_configured(self, params: Mapping[str, str]) -> tuple[HTTPStatus, bytes]:
+        """/probe without dynamic targets: one registered target's series, from the snapshot."""
+        return probe_snapshot(self.snapshot, params)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -241,11 +277,12 @@ class MetricsServer:
             self._waiting.pop(oldest)
             oldest.close()
         self._connections.add(writer)
+        tls = self.tls  # one config for the whole connection, even if a reload replaces it meanwhile
         try:
-            if self.tls is not None:
+            if tls is not None:
                 self._waiting[writer] = None
-                await writer.start_tls(self.tls.current(), ssl_handshake_timeout=self.read_timeout)
-                if not self.tls.allowed_peer(writer.get_extra_info("peercert")):
+                await writer.start_tls(tls.current(), ssl_handshake_timeout=self.read_timeout)
+                if not tls.allowed_peer(writer.get_extra_info("peercert")):
                     log.debug("client certificate SAN not in client_allowed_sans: closing")
                     return
             first = True
@@ -344,20 +381,31 @@ class MetricsServer:
 
     async def _authorized(self, request: Request) -> bool:
         """Basic auth: remembered credentials at once, new ones through bcrypt in a pool of their own."""
-        if self.auth is None or request.path == "/healthz":
+        auth = self.auth  # as it is now: a reload may replace it meanwhile
+        if auth is None or request.path == "/healthz":
             return True
         credentials = self._credentials(request)
         if credentials is None:
             return False
-        if self.auth.cached(*credentials):
+        if auth.cached(*credentials):
             return True
         # A flood of wrong passwords occupies these threads only: scrapes with known credentials go on.
-        return await self._loop.run_in_executor(self._bcrypt_pool, self.auth.verify, *credentials)
+        return await self._loop.run_in_executor(self._bcrypt_pool, auth.verify, *credentials)
+
+    @staticmethod
+    def _exposition(request: Request, body: bytes) -> Response:
+        """An exposition body, gzipped when the client accepts it."""
+        if accepts_gzip(request.headers.get("accept-encoding")):
+            return Response(HTTPStatus.OK, gzip.compress(body, 1), CONTENT_TYPE,
+                            {"Content-Encoding": "gzip", "Vary": "Accept-Encoding"})
+        return Response(HTTPStatus.OK, body, CONTENT_TYPE, {"Vary": "Accept-Encoding"})
 
     def _respond(self, request: Request, authorized: bool) -> Response:
         """The response to a parsed request (in a pool thread: rendering and gzip are CPU work)."""
         try:
             return self._route(request, authorized)
+        except HttpError as exc:
+            return self._error(exc.status)
         except Exception:
             log.exception("error answering %s %s", request.method, request.path)
             return self._error(HTTPStatus.INTERNAL_SERVER_ERROR)
@@ -380,11 +428,12 @@ class MetricsServer:
             return Response(HTTPStatus.UNAUTHORIZED, b"401 Unauthorized\n",
                             headers={"WWW-Authenticate": 'Basic realm="pgvitals", charset="UTF-8"'})
         if path == "/metrics":
-            body = self.body()
-            if accepts_gzip(request.headers.get("accept-encoding")):
-                return Response(HTTPStatus.OK, gzip.compress(body, 1), CONTENT_TYPE,
-                                {"Content-Encoding": "gzip", "Vary": "Accept-Encoding"})
-            return Response(HTTPStatus.OK, body, CONTENT_TYPE, {"Vary": "Accept-Encoding"})
+            return self._exposition(request, self.body())
+        if path == "/probe":
+            status, body = self.probe(request.params())
+            if status is not HTTPStatus.OK:
+                return Response(status, body)
+            return self._exposition(request, body)
         if path == "/-/reload":
             if self.reload is None:
                 return Response(HTTPStatus.FORBIDDEN, b"Lifecycle API is not enabled.\n")
@@ -392,6 +441,7 @@ class MetricsServer:
             return Response(HTTPStatus.OK if ok else HTTPStatus.INTERNAL_SERVER_ERROR, (message + "\n").encode())
         if path == "/":
             return Response(HTTPStatus.OK, b"<html><body><h1>pgvitals</h1><p><a href='/metrics'>metrics</a> "
-                                           b"<a href='/readyz'>readyz</a></p></body></html>\n",
+                                           b"<a href='/readyz'>readyz</a></p>"
+                                           b"<p>/probe?target=NAME: one target's series</p></body></html>\n",
                             "text/html; charset=utf-8")
         return self._error(HTTPStatus.NOT_FOUND)

@@ -190,6 +190,24 @@ def _bloat(method: str, ratio: float, size: float) -> dict[str, str]:
 
 
 TABLE = {"datname": "app", "schemaname": "public", "relname": "orders"}
+SEQUENCE = {"datname": "app", "schemaname": "public", "sequencename": "orders_id_seq"}
+SUB = f'{TDB}, subname="sub1"'
+
+
+def _sequence(name: str) -> str:
+    return _series("pg_sequence_used_ratio", f'{TDB}, schemaname="public", sequencename="{name}"')
+
+
+def _autovacuum(vacuum: int, wraparound: int, max_workers: int = 3) -> dict[str, str]:
+    """Workers by state (0 analyze, 0 other) against autovacuum_max_workers, 1 worker for the first minute."""
+    return {_series("pg_autovacuum_workers", f'{T}, state="vacuum"'): f"1 {vacuum}x40",
+            _series("pg_autovacuum_workers", f'{T}, state="wraparound"'): f"0 {wraparound}x40",
+            _series("pg_autovacuum_workers", f'{T}, state="analyze"'): "0x41",
+            _series("pg_settings_autovacuum_max_workers", T): f"{max_workers}x41"}
+
+
+def _subscription(enabled: str, workers: str) -> dict[str, str]:
+    return {_series("pg_subscription_enabled", SUB): enabled, _series("pg_subscription_apply_workers", SUB): workers}
 
 CASES = [
     Case("PgvitalsExporterDown", {'up{job="pgvitals", instance="exporter:9839"}': "1 1 0 0 0"}, ["2m"], "3m", 0,
@@ -306,11 +324,50 @@ CASES = [
          ["1m", "14m"], "16m", 1, lbl(target="db1", datname="app", reason="database_unavailable"),
          {_series("pgvitals_database_unavailable", f'{TDB}, reason="database_unavailable"'): "1x3 _x17"}, "16m",
          "a database refused for 3 minutes, then reachable again"),
+    Case("PgvitalsConfigReloadFailed",
+         {_series("pgvitals_config_last_reload_successful"): "1 0x15"}, ["1m", "10m"], "11m", 0, lbl(),
+         {_series("pgvitals_config_last_reload_successful"): "1 0x5 1x10"}, "14m",
+         "a broken config fixed by the next reload after 5 minutes"),
     Case("PgvitalsCollectorStale",
          {_series("pgvitals_collector_data_age_seconds", f'{T}, collector="pg_stat_database"'): "5 60+60x5"},
          ["1m", "2m"], "3m", 180, lbl(target="db1", collector="pg_stat_database"),
          {_series("pgvitals_collector_data_age_seconds", f'{T}, collector="pg_bloat_estimate"'): "5 1000+60x5"},
          "5m", "a 15-minute collector whose data is 20 minutes old (under 3 intervals)"),
+    # A restart at 150 s (seen at 3m): the value is the uptime at 4m. Quiet once the change leaves the window.
+    Case("PostgresRestarted", {_series("pg_postmaster_start_time_seconds", T): "100 100 100 150x15"},
+         ["2m", "14m"], "4m", 90, lbl(target="db1"),
+         {_series("pg_postmaster_start_time_seconds", T): "_ _ 100x15"}, "5m",
+         "a server first seen mid-way (the exporter started), never restarted"),
+    # The issue's case: a sequence advanced to 96 % of its range.
+    Case("PostgresSequenceNearExhaustion", {_sequence("orders_id_seq"): "0.79 0.85x10"}, ["1m", "5m"], "6m", 0.85,
+         lbl(target="db1", **SEQUENCE), {_sequence("orders_id_seq"): "0.79 0.8x10"}, "8m", "exactly 80 % used"),
+    Case("PostgresSequenceImminentExhaustion", {_sequence("orders_id_seq"): "0.9 0.96x10"}, ["1m", "5m"], "6m",
+         0.96, lbl(target="db1", **SEQUENCE), {_sequence("orders_id_seq"): "0.9 0.94x10"}, "8m",
+         "94 % used: the warning's business, not a page"),
+    Case("PostgresUnusedIndexes", {_series("pg_index_unused_bytes", TDB): f"0 {2 * GIB}x70"}, ["1m", "60m"], "61m",
+         2 * GIB, lbl(target="db1", datname="app"),
+         {_series("pg_index_unused_bytes", TDB): f"{GIB // 2}x70",
+          _series("pg_index_unused_bytes", 'target="db1", datname="other"'): f"{2 * GIB}x30 0x40"}, "65m",
+         "512 MiB unused; 2 GiB unused for 30 minutes after a statistics reset, then scanned"),
+    Case("PostgresAutovacuumWorkersBusy", _autovacuum(2, 1), ["1m", "30m"], "31m", 3, lbl(target="db1"),
+         {**_autovacuum(2, 0), _series("pg_autovacuum_workers", f'{T}, state="other"'): "1x20 0x20"}, "35m",
+         "2 of 3 workers busy, and all 3 for only 20 minutes"),
+    Case("PostgresSubscriptionStopped", _subscription(enabled="1x20", workers="1 0x20"), ["1m", "5m"], "6m", 1,
+         lbl(target="db1", datname="app", subname="sub1"),
+         _subscription(enabled="1x20", workers="1 0 0 0 1x20"), "10m",
+         "an apply worker that restarts within 3 minutes"),
+    Case("PostgresSubscriptionErrors",
+         {_series("pg_subscription_apply_errors_total", SUB): "0+3x30",
+          _series("pg_subscription_sync_errors_total", SUB): "0x30"}, ["5m"], "6m", 15,
+         lbl(target="db1", datname="app", subname="sub1"),
+         {_series("pg_subscription_apply_errors_total", SUB): "0 0 1x20",
+          _series("pg_subscription_sync_errors_total", SUB): "0x22"}, "8m",
+         "one error (a publisher restart), then none"),
+    Case("PostgresSubscriptionSilent",
+         {_series("pg_subscription_last_message_age_seconds", SUB): "5 200+60x10"}, ["1m"], "2m", 260,
+         lbl(target="db1", datname="app", subname="sub1"),
+         {_series("pg_subscription_last_message_age_seconds", SUB): "10 30 20 30 10 30 20 30"}, "6m",
+         "keepalives every 30 s"),
 ]
 
 
@@ -469,6 +526,11 @@ def test_configuration_changes_thresholds_durations_and_switches() -> None:
     ({"long_query": {"seconds": "soon"}}, "alerts.long_query.seconds: expected a duration"),
     ({"lock_wait": {"for": -1}}, "alerts.lock_wait.for: must be a positive duration"),
     ({"slow_statement": {}}, "alerts.slow_statement: unknown key"),
+    ({"sequences": {"warning": 0.96, "critical": 0.95}}, "alerts.sequences: warning (0.96) must be below critical"),
+    ({"sequences": {"warning": 0.4}}, "alerts.sequences.warning: 0.4 is below collectors.pg_sequences.floor (0.5)"),
+    ({"restart": {"within": "soon"}}, "alerts.restart.within: expected a duration"),
+    ({"subscription_errors": {"count": -1}}, "alerts.subscription_errors.count: Input should be greater than or "
+                                             "equal to 0"),
     ({"bloat": {"min_table_bytes": -1}}, "alerts.bloat.min_table_bytes: Input should be greater than or equal to 0"),
     ({"labels": {"severity": "x", "bad-name": "y"}}, "alerts.labels: label name 'bad-name'"),
     ({"runbook_base_url": "docs/"}, "alerts.runbook_base_url: expected an absolute http:// or https:// URL"),
@@ -481,6 +543,23 @@ def test_bad_alert_configuration_is_reported_with_its_path(alerts: dict[str, Any
     with pytest.raises(ConfigError) as error:
         load_settings(raw={"targets": [{"name": "a", "dsn": "host=x"}], "alerts": alerts}, environ={})
     assert any(problem.startswith(message) for problem in error.value.problems), error.value.problems
+
+
+def test_sequence_thresholds_follow_the_collector_floor() -> None:
+    """Below the default floor is fine once the floor is lowered too; a floor raised above the warning is not."""
+    target = [{"name": "a", "dsn": "host=x"}]
+    settings = load_settings(raw={"targets": target, "collectors": {"pg_sequences": {"floor": 0.3}},
+                                  "alerts": {"sequences": {"warning": 0.4, "critical": 0.9}}}, environ={})
+    rules = {r.name: r.expr for r in alert_rules(settings)}
+    assert rules["PostgresSequenceNearExhaustion"] == "pg_sequence_used_ratio > 0.4"
+    assert rules["PostgresSequenceImminentExhaustion"] == "pg_sequence_used_ratio > 0.9"
+    with pytest.raises(ConfigError) as error:
+        load_settings(raw={"targets": target, "collectors": {"pg_sequences": {"floor": 0.85}}}, environ={})
+    assert error.value.problems == ["alerts.sequences.warning: 0.8 is below collectors.pg_sequences.floor (0.85): "
+                                    "sequences under the floor are not exported, so the alert would not see them "
+                                    "(lower the floor or raise the threshold)"]
+    load_settings(raw={"targets": target, "collectors": {"pg_sequences": {"floor": 0.85}},
+                       "alerts": {"sequences": {"enabled": False}}}, environ={})
 
 
 @pytest.mark.parametrize(("base", "expected"), [

@@ -256,6 +256,8 @@ def test_thresholds_follow_the_alert_configuration() -> None:
         "connections": {"warning": 0.7, "critical": 0.9}, "cache_hit": {"ratio": 0.98},
         "replication_lag": {"warning": "30s", "critical": "2m"}, "lock_wait": {"seconds": 12},
         "long_query": {"seconds": "10m"}, "slot_retained": {"bytes": 123456789},
+        "sequences": {"warning": 0.6, "critical": 0.7}, "unused_indexes": {"bytes": 5 << 20},
+        "subscription_silent": {"seconds": "3m"}, "restart": {"within": "30m"},
     })
     custom = build_dashboards(config)
     assert _threshold_values(_panel(custom, "connections.json", "Connection slots used")) == [0.7, 0.9]
@@ -267,8 +269,14 @@ def test_thresholds_follow_the_alert_configuration() -> None:
     assert _threshold_values(_panel(custom, "locks.json", "Oldest lock wait")) == [12]
     assert _threshold_values(_panel(custom, "queries.json", "Longest running query"))[-1] == 600
     assert _threshold_values(_panel(custom, "replication.json", "WAL retained by slots")) == [123456789]
+    assert _threshold_values(_panel(custom, "storage.json", "Sequences closest to exhaustion")) == [0.6, 0.7]
+    assert _threshold_values(_panel(custom, "storage.json", "Highest sequence use per database")) == [0.6, 0.7]
+    assert _threshold_values(_panel(custom, "storage.json", "Unused index space")) == [5 << 20]
+    assert _threshold_values(_panel(custom, "replication.json", "Time since the publisher was heard from")) == [180]
+    assert _threshold_values(_panel(custom, "target.json", "Uptime")) == [1800]
     defaults = build_dashboards()
     assert _threshold_values(_panel(defaults, "connections.json", "Connection slots used")) == [0.8, 0.95]
+    assert _threshold_values(_panel(defaults, "storage.json", "Sequences closest to exhaustion")) == [0.8, 0.95]
 
 
 def test_family_pages_exist(boards: dict[str, dict[str, Any]]) -> None:

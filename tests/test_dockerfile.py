@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.tools import packaged_binary
+from tests.support.tools import packaged_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"

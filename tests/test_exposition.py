@@ -8,7 +8,7 @@ from exporter import __version__
 from exporter.catalog import MetricSpec, validate
 from exporter.exposition import escape_label, format_value, render_rows
 from exporter.snapshot import Snapshot
-from tests.conftest import Metrics
+from tests.support.scrape import Metrics
 
 SPEC = MetricSpec("x_bytes", "gauge", "Bytes.", value="v", labels=("name",))
 COUNT = MetricSpec("x_ops_total", "counter", "Ops.", value="c", labels=("name",), scale=0.001)

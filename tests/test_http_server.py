@@ -14,16 +14,9 @@ import pytest
 from exporter import __version__, catalog
 from exporter.server import MAX_HEAD, MetricsServer, accepts_gzip
 from exporter.snapshot import Snapshot
+from tests.support.metrics_server import HANG, get, make_snapshot
 
 READ_TIMEOUT = 2.0
-HANG = 60.0  # upper bound that only catches a hang, never a timing claim
-
-
-def make_snapshot() -> Snapshot:
-    snapshot = Snapshot(catalog.load(), __version__)
-    snapshot.add_target("db1", 'target="db1"')
-    snapshot.set_up("db1", True)
-    return snapshot
 
 
 @pytest.fixture
@@ -46,17 +39,6 @@ def raw(port: int, payload: bytes, timeout: float = HANG) -> bytes:
 
 def status_of(response: bytes) -> int:
     return int(response.split(b" ", 2)[1])
-
-
-def get(port: int, path: str = "/metrics", method: str = "GET",
-        headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=HANG)
-    try:
-        conn.request(method, path, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
-    finally:
-        conn.close()
 
 
 @pytest.mark.parametrize(("header", "expected"), [
@@ -258,3 +240,40 @@ def test_a_kept_alive_connection_may_idle_past_the_read_timeout_between_scrapes(
         assert conn.sock is sock  # the same connection, not a silent reconnect
     finally:
         conn.close()
+
+
+def two_target_snapshot() -> Snapshot:
+    """Two targets with collected lines of the same metric, as the engine would record them."""
+    snapshot = Snapshot(catalog.load(), __version__)
+    spec = catalog.load().by_name["pg_stat_database"].metrics[0]
+    for name in ("db1", "db2"):
+        snapshot.add_target(name, f'target="{name}"')
+        snapshot.set_up(name, True)
+        lines = f'{spec.name}{{target="{name}",datname="postgres"}} 1\n'.encode()
+        snapshot.record_run(name, "pg_stat_database", duration=0.01, finished=time.time(), series=1, failures=(),
+                            results={"": {spec.name: lines}})
+    return snapshot
+
+
+def test_probe_serves_one_target_only_and_names_unknown_ones() -> None:
+    srv = MetricsServer("127.0.0.1", 0, two_target_snapshot(), lambda: (True, "ready"), read_timeout=READ_TIMEOUT)
+    srv.start()
+    try:
+        status, headers, body = get(srv.port, "/probe?target=db2")
+        assert status == 200 and headers["content-type"].startswith("text/plain; version=0.0.4")
+        assert b'target="db2"' in body and b'target="db1"' not in body
+        assert b'pg_up{target="db2"} 1' in body and b"pgvitals_build_info" in body
+        assert b"process_" not in body  # the exporter's own process is /metrics' business
+        # The whole exposition still has both, and a later run of db1 does not leak into db2's cached body.
+        assert b'target="db1"' in get(srv.port)[2]
+        srv.snapshot.set_up("db1", False)
+        assert get(srv.port, "/probe?target=db2")[2].count(b'target="db1"') == 0
+        assert b'pg_up{target="db1"} 0' in get(srv.port, "/probe?target=db1")[2]
+        status, headers, zipped = get(srv.port, "/probe?target=db2", headers={"Accept-Encoding": "gzip"})
+        assert status == 200 and b'target="db2"' in gzip.decompress(zipped)
+        status, _, body = get(srv.port, "/probe?target=nope")
+        assert status == 404 and b"unknown target 'nope'" in body
+        status, _, body = get(srv.port, "/probe")
+        assert status == 400 and b"/probe?target=NAME" in body
+    finally:
+        srv.stop()

@@ -27,8 +27,8 @@ from exporter.config import load_settings
 from exporter.localpg import wait_until
 from exporter.server import MetricsServer
 from exporter.webconfig import BasicAuth, WebConfigError, load_web_config
-from tests.conftest import Server, settings_for
-from tests.test_http_server import HANG, get, make_snapshot
+from tests.support.metrics_server import HANG, get, make_snapshot
+from tests.support.servers import Server, settings_for
 
 ROOT = Path(__file__).resolve().parents[1]
 USER, PASSWORD = "prometheus", "scrape-Secret-42"
@@ -143,6 +143,10 @@ def test_python_client_gets_401_without_credentials_and_200_with_them(pki: Pki, 
     assert https_get(srv.port, ctx, "/healthz")[:3:2] == (200, b"ok\n")
     assert https_get(srv.port, ctx, "/readyz")[:3:2] == (503, b"not ready\n")
     assert b"db1" in https_get(srv.port, ctx, "/readyz", auth=(USER, PASSWORD))[2]
+    # /probe is guarded like /metrics.
+    assert https_get(srv.port, ctx, "/probe?target=db1")[0] == 401
+    status, _, body = https_get(srv.port, ctx, "/probe?target=db1", auth=(USER, PASSWORD))
+    assert status == 200 and b'pg_up{target="db1"} 1' in body
     # Plain HTTP on the TLS port is not served.
     with pytest.raises((ConnectionError, http.client.HTTPException, OSError)):
         conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=HANG)

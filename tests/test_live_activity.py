@@ -15,7 +15,8 @@ from exporter.catalog import load
 from exporter.engine import Engine
 from exporter.localpg import wait_until
 from exporter.snapshot import Snapshot
-from tests.conftest import Metrics, Server, settings_for
+from tests.support.scrape import Metrics
+from tests.support.servers import Server, settings_for
 
 pytestmark = [pytest.mark.live, pytest.mark.family("slow_queries")]
 

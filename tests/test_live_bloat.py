@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from typing import Any
 
-import psycopg
 import pytest
 
-from exporter.localpg import wait_until
-from tests.conftest import MONITOR_ROLE, Metrics, Server, collect_once, settings_for
+from tests.support.exporters import collect_once, run_collector
+from tests.support.scrape import Metrics
+from tests.support.servers import MONITOR_ROLE, Server
+from tests.support.sessions import PendingExclusiveLock
 
 pytestmark = [pytest.mark.live, pytest.mark.family("bloat")]
 
@@ -59,26 +59,6 @@ def scenario_db(pg: Server) -> Iterator[str]:
     run("ANALYZE tiny")
     yield DB
     pg.execute(f"DROP DATABASE IF EXISTS {DB}")
-
-
-def run_collector(targets: list[dict[str, Any]], collector: str, **params: Any) -> Metrics:
-    """Probe and run one collector once with parameters (collect_once cannot pass collector settings)."""
-    from exporter import __version__
-    from exporter.catalog import load
-    from exporter.engine import Engine
-    from exporter.snapshot import Snapshot
-
-    catalog = load()
-    settings = settings_for(targets, collectors={collector: params} if params else {})
-    snapshot = Snapshot(catalog, __version__)
-    engine = Engine(catalog, settings, snapshot)
-    try:
-        for runtime in engine.targets.values():
-            assert engine.probe(runtime)
-            engine.collect(runtime, engine.collectors[collector])
-        return Metrics(snapshot.render().decode())
-    finally:
-        engine.close()
 
 
 def _collect(pg: Server, collector: str, superuser: bool, **params: Any) -> Metrics:
@@ -205,40 +185,6 @@ def test_measured_prefers_what_the_estimate_cannot_cover(pg: Server, scenario_db
     assert [labels["relname"] for labels, _ in metrics.find("pg_table_bloat_measured_ratio")] == [second]
 
 
-class PendingExclusiveLock:
-    """A reader holding a lock on ``table`` and, queued behind it, a session asking for ACCESS EXCLUSIVE."""
-
-    def __init__(self, pg: Server, table: str, db: str = DB):
-        self.pg = pg
-        self.table = table
-        self.db = db
-        self.reader = psycopg.connect(pg.dsn(db, monitor=False))
-        self.ddl = psycopg.connect(pg.dsn(db, monitor=False))
-        self.thread = threading.Thread(target=self._lock, daemon=True)
-
-    def _lock(self) -> None:
-        self.ddl.execute(f"LOCK TABLE {self.table} IN ACCESS EXCLUSIVE MODE")
-
-    def waiting(self) -> bool:
-        """True while the ACCESS EXCLUSIVE request is still queued."""
-        return bool(self.pg.execute(
-            "SELECT count(*) AS n FROM pg_locks WHERE mode = 'AccessExclusiveLock' AND NOT granted "
-            f"AND relation = '{self.table}'::regclass", self.db)[0]["n"])
-
-    def __enter__(self) -> PendingExclusiveLock:
-        self.reader.execute(f"SELECT 1 FROM {self.table} LIMIT 1")  # ACCESS SHARE, held until rollback
-        self.thread.start()
-        wait_until(self.waiting, timeout=10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.reader.rollback()
-        self.thread.join(timeout=10)
-        self.ddl.rollback()
-        self.reader.close()
-        self.ddl.close()
-
-
 def _exporter_waits(pg: Server) -> int:
     return int(pg.execute(
         "SELECT count(*) AS n FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
@@ -246,7 +192,7 @@ def _exporter_waits(pg: Server) -> int:
 
 
 def test_measured_skips_a_relation_with_a_pending_exclusive_lock(pg: Server, scenario_db: str) -> None:
-    with PendingExclusiveLock(pg, "half") as lock:
+    with PendingExclusiveLock(pg, "half", DB) as lock:
         metrics = _collect(pg, MEASURED, superuser=False, relations=10)
         assert lock.waiting() and _exporter_waits(pg) == 0
     assert metrics.value("pgvitals_collector_success", collector=MEASURED) == 1
@@ -261,7 +207,7 @@ def test_measured_skips_a_relation_with_a_pending_exclusive_lock(pg: Server, sce
 def test_measured_gives_up_on_a_lock_instead_of_queuing(pg: Server, scenario_db: str) -> None:
     # Without the pg_locks check the measurement asks for the lock: lock_timeout (100 ms) makes it give up,
     # its savepoint is rolled back, and the run goes on with the next relation.
-    with PendingExclusiveLock(pg, "half") as lock:
+    with PendingExclusiveLock(pg, "half", DB) as lock:
         metrics = _collect(pg, MEASURED, superuser=False, relations=10, check_locks=False)
         assert lock.waiting() and _exporter_waits(pg) == 0
     assert metrics.value("pgvitals_collector_success", collector=MEASURED) == 1

@@ -13,7 +13,10 @@ from exporter.catalog import load as load_catalog
 from exporter.engine import Engine
 from exporter.localpg import wait_until
 from exporter.snapshot import Snapshot
-from tests.conftest import Metrics, Server, collect_once, settings_for
+from tests.support.exporters import collect_once
+from tests.support.scrape import Metrics
+from tests.support.servers import Server, settings_for
+from tests.support.sessions import run_in_session
 
 pytestmark = [pytest.mark.live, pytest.mark.family("cache_hit")]
 
@@ -74,14 +77,6 @@ def settled(pg: Server, dbname: str, top_n: int | None = None) -> Metrics:
 
     result: Metrics = wait_until(stable, timeout=30, interval=0.1)
     return result
-
-
-def run_in_session(pg: Server, dbname: str, *statements: str) -> None:
-    """Run statements in one superuser session, then end it (its statistics are then reported)."""
-    with psycopg.connect(pg.dsn(dbname, monitor=False), autocommit=True) as conn:
-        conn.execute("SET max_parallel_workers_per_gather = 0")  # one process reads every block
-        for sql in statements:
-            conn.execute(sql.encode())
 
 
 def pages(pg: Server, dbname: str, relname: str) -> int:

@@ -12,7 +12,8 @@ import pytest
 
 from exporter.db import CollectError
 from exporter.localpg import wait_until
-from tests.conftest import Runner, Server, start_server
+from tests.support.exporters import Runner
+from tests.support.servers import Server, start_server
 
 pytestmark = [pytest.mark.live, pytest.mark.family("connections")]
 

@@ -7,7 +7,9 @@ from collections.abc import Iterator
 import pytest
 
 from exporter.localpg import wait_until
-from tests.conftest import Metrics, Runner, Server, collect_once, start_server
+from tests.support.exporters import Runner, collect_once
+from tests.support.scrape import Metrics
+from tests.support.servers import Server, start_server
 
 pytestmark = [pytest.mark.live, pytest.mark.family("identity")]
 

@@ -7,9 +7,10 @@ from typing import Any
 import pytest
 
 from exporter.localpg import wait_until
-from tests.conftest import Metrics, Server
-from tests.test_live_cache import run_in_session
-from tests.test_live_sequences import collect_in
+from tests.support.exporters import collect_in
+from tests.support.scrape import Metrics
+from tests.support.servers import Server
+from tests.support.sessions import run_in_session
 
 pytestmark = [pytest.mark.live, pytest.mark.family("indexes")]
 
@@ -50,7 +51,7 @@ def test_unused_index_counts_with_its_real_size_and_scans_show(pg: Server, fresh
     metrics: Metrics = wait_until(reported, timeout=30, interval=0.5)
     # Never scanned and enforcing nothing: orders_note. The primary key and the unique index are never
     # scanned either, but they are needed.
-    assert metrics.value("pg_index_unused_count", datname=fresh_db) == 1
+    assert metrics.value("pg_index_unused_indexes", datname=fresh_db) == 1
     assert metrics.value("pg_index_unused_bytes", datname=fresh_db) == _size(pg, fresh_db, "orders_note")
     unused = metrics.find("pg_index_unused_size_bytes")
     assert [(labels["indexrelname"], value) for labels, value in unused] == [
@@ -73,7 +74,7 @@ def test_unused_index_counts_with_its_real_size_and_scans_show(pg: Server, fresh
 
     def used() -> Metrics | None:
         metrics = _collect(pg, fresh_db)
-        return metrics if metrics.value("pg_index_unused_count", datname=fresh_db) == 0 else None
+        return metrics if metrics.value("pg_index_unused_indexes", datname=fresh_db) == 0 else None
 
     metrics = wait_until(used, timeout=30, interval=0.5)
     assert metrics.value("pg_index_unused_bytes", datname=fresh_db) == 0

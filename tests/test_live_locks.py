@@ -2,80 +2,23 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from contextlib import contextmanager
 
 import psycopg
 import pytest
 
 from exporter.collectors.locks import blocking_summary, bound_inexact_waits
 from exporter.localpg import wait_until
-from tests.conftest import Metrics, Runner, Server, collect_once
+from tests.support.exporters import Runner, collect_once
+from tests.support.scrape import Metrics
+from tests.support.servers import Server
+from tests.support.sessions import Sessions, sessions
 
 pytestmark = [pytest.mark.live, pytest.mark.family("locks")]
 
 LOCK_COLLECTORS = ["pg_locks", "pg_lock_waits"]
-
-
-@dataclass
-class Sessions:
-    """Superuser sessions in one database; statements that block run in threads."""
-
-    pg: Server
-    dbname: str
-    conns: dict[str, psycopg.Connection[tuple[object, ...]]] = field(default_factory=dict)
-    threads: dict[str, threading.Thread] = field(default_factory=dict)
-    errors: dict[str, BaseException] = field(default_factory=dict)
-
-    def open(self, name: str, application_name: str | None = None) -> psycopg.Connection[tuple[object, ...]]:
-        conn = psycopg.connect(self.pg.dsn(self.dbname, monitor=False), application_name=application_name or name)
-        conn.execute("SET statement_timeout = '60s'")  # nothing in a failed test waits forever
-        conn.commit()
-        self.conns[name] = conn
-        return conn
-
-    def start(self, name: str, sql: str) -> None:
-        """Run ``sql`` on session ``name`` in a thread (it is expected to wait)."""
-        def run() -> None:
-            try:
-                self.conns[name].execute(sql)  # type: ignore[arg-type]
-            except BaseException as exc:  # kept for the test to inspect
-                self.errors[name] = exc
-
-        thread = threading.Thread(target=run, daemon=True)
-        self.threads[name] = thread
-        thread.start()
-
-    def join(self, name: str) -> None:
-        self.threads.pop(name).join(timeout=60)
-
-    def waiting(self) -> int:
-        rows = self.pg.execute(
-            f"SELECT count(*) AS n FROM pg_stat_activity WHERE datname = '{self.dbname}' AND wait_event_type = 'Lock'"
-        )
-        return int(rows[0]["n"])
-
-    def close(self) -> None:
-        for conn in self.conns.values():
-            with suppress(Exception):
-                conn.cancel()
-        for conn in self.conns.values():
-            with suppress(Exception):
-                conn.close()
-        for thread in self.threads.values():
-            thread.join(timeout=10)
-
-
-@contextmanager
-def sessions(pg: Server, dbname: str) -> Iterator[Sessions]:
-    group = Sessions(pg, dbname)
-    try:
-        yield group
-    finally:
-        group.close()
 
 
 @contextmanager

@@ -8,9 +8,11 @@ from typing import Any
 import pytest
 
 from exporter.localpg import wait_until
-from tests.conftest import Metrics, Server, start_server
-from tests.test_live_locks import sessions
-from tests.test_live_sequences import collect_in
+from tests.support.exporters import collect_in
+from tests.support.scrape import Metrics
+from tests.support.servers import Server, start_server
+from tests.support.sessions import sessions
+from tests.support.tables import big_table
 
 pytestmark = [pytest.mark.live, pytest.mark.family("maintenance")]
 
@@ -20,19 +22,6 @@ WORKERS = "pg_autovacuum_workers"
 CRAWL = "SET vacuum_cost_delay = 100; SET vacuum_cost_limit = 1"
 
 
-
-
-def _big_table(pg: Server, db: str, name: str = "big", autovacuum: bool = False) -> int:
-    """A table of about a thousand pages with half its rows deleted; returns its pages.
-
-    With ``autovacuum`` autovacuum crawls through it (its own cost settings: other tables go at normal speed).
-    """
-    options = ("autovacuum_vacuum_cost_delay = 100, autovacuum_vacuum_cost_limit = 1" if autovacuum
-               else "autovacuum_enabled = false")
-    pg.execute(f"CREATE TABLE {name} (id int, pad text) WITH ({options}); "
-               f"INSERT INTO {name} SELECT g, repeat('x', 100) FROM generate_series(1, 60000) g; "
-               f"DELETE FROM {name} WHERE id % 2 = 0", db)
-    return int(pg.execute(f"SELECT pg_relation_size('{name}') / 8192 AS pages", db)[0]["pages"])
 
 
 def _progress(pg: Server, view: str, db: str) -> dict[str, Any] | None:
@@ -57,7 +46,7 @@ def _held_mid_way(pg: Server, db: str, command: str, view: str, counter: str
 
 
 def test_a_vacuum_held_mid_way_shows_phase_and_fraction(pg: Server, fresh_db: str) -> None:
-    pages = _big_table(pg, fresh_db)
+    pages = big_table(pg, fresh_db)
     before, metrics, after = _held_mid_way(pg, fresh_db, "VACUUM big", "pg_stat_progress_vacuum", "heap_blks_scanned")
     labels = {"datname": fresh_db, "schemaname": "public", "relname": "big", "phase": "scanning heap",
               "kind": "manual"}
@@ -75,7 +64,7 @@ def test_a_vacuum_held_mid_way_shows_phase_and_fraction(pg: Server, fresh_db: st
 def test_an_analyze_held_mid_way_shows_its_sample(pg: Server, fresh_db: str) -> None:
     if pg.version_num < 130000:
         pytest.skip("pg_stat_progress_analyze exists from PostgreSQL 13")
-    pages = _big_table(pg, fresh_db)
+    pages = big_table(pg, fresh_db)
     before, metrics, after = _held_mid_way(pg, fresh_db, "ANALYZE big", "pg_stat_progress_analyze",
                                            "sample_blks_scanned")
     labels = {"relname": "big", "phase": "acquiring sample rows", "kind": "manual"}
@@ -124,7 +113,7 @@ def test_busy_autovacuum_workers_are_counted(slow_autovacuum: Server) -> None:
     pg = slow_autovacuum
     pg.execute("CREATE DATABASE busy")
     for name in ("a", "b", "c"):
-        _big_table(pg, "busy", name, autovacuum=True)
+        big_table(pg, "busy", name, autovacuum=True)
 
     def all_busy() -> Metrics | None:
         before = _workers(pg)

@@ -13,8 +13,10 @@ import trustme
 from cryptography import x509
 
 from exporter.localpg import LocalCluster
-from tests.conftest import running_exporter, settings_for, wait_for_metric
-from tests.pgbins import bindir_for, selected_major
+from tests.support.exporters import running_exporter
+from tests.support.pgbins import bindir_for, selected_major
+from tests.support.scrape import wait_for_metric
+from tests.support.servers import settings_for
 
 pytestmark = pytest.mark.live
 

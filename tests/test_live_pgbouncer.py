@@ -18,8 +18,9 @@ from exporter.exposition import render_rows
 from exporter.hooks import RunContext
 from exporter.localpg import wait_until
 from exporter.snapshot import Snapshot
-from tests.conftest import Metrics, Server, http_status, settings_for, wait_for_metric
-from tests.pgbouncer import APP_USER, PgBouncer, pgbouncer_available, pgbouncer_version, running_pgbouncer
+from tests.support.pgbouncer import APP_USER, PgBouncer, pgbouncer_available, pgbouncer_version, running_pgbouncer
+from tests.support.scrape import Metrics, http_status, wait_for_metric
+from tests.support.servers import Server, settings_for
 
 pytestmark = [
     pytest.mark.live,

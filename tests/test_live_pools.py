@@ -14,7 +14,9 @@ from exporter import catalog
 from exporter.collectors.pools import BASE_STATES, UNMATCHED, assign_pool, parse_address, pools_for
 from exporter.config import PoolConfig
 from exporter.localpg import wait_until
-from tests.conftest import Metrics, Server, collect_once, start_server
+from tests.support.exporters import collect_once
+from tests.support.scrape import Metrics
+from tests.support.servers import Server, start_server
 
 pytestmark = [pytest.mark.live, pytest.mark.family("connections")]
 

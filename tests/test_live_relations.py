@@ -11,7 +11,9 @@ from typing import Any
 import pytest
 
 from exporter.engine import SERVED_AT
-from tests.conftest import MONITOR_ROLE, Metrics, Runner, Server
+from tests.support.exporters import Runner
+from tests.support.scrape import Metrics
+from tests.support.servers import MONITOR_ROLE, Server
 
 pytestmark = [pytest.mark.live, pytest.mark.family("vacuum")]
 

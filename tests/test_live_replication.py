@@ -9,8 +9,10 @@ from typing import Any
 import pytest
 
 from exporter.localpg import wait_until
-from tests.conftest import MONITOR_ROLE, Runner, Server, start_server, wait_for_metric
-from tests.standby import Standby, drop_slot, standby_of, start_standby
+from tests.support.exporters import Runner
+from tests.support.scrape import wait_for_metric
+from tests.support.servers import MONITOR_ROLE, Server, start_server
+from tests.support.standby import Standby, drop_slot, standby_of, start_standby
 
 pytestmark = [pytest.mark.live, pytest.mark.family("replication")]
 

@@ -7,21 +7,13 @@ from typing import Any
 import pytest
 
 from exporter.collectors.sequences import used_share
-from tests.conftest import Metrics, Server, collect_once
+from tests.support.exporters import collect_in
+from tests.support.scrape import Metrics
+from tests.support.servers import Server
 
 pytestmark = [pytest.mark.live, pytest.mark.family("sequences")]
 
 SEQUENCES = "pg_sequences"
-
-
-def collect_in(pg: Server, db: str, collectors: list[str], **params: Any) -> Metrics:
-    """The collectors, once, as pg_monitor, in database ``db`` only; ``params`` go to each of them. All succeed."""
-    target = {"name": "main", "dsn": pg.dsn(db), "databases": {"include": [db]}}
-    extra = {"collectors": {name: params for name in collectors}} if params else {}
-    metrics = collect_once(pg, collectors, targets=[target], **extra)
-    for name in collectors:
-        assert metrics.value("pgvitals_collector_success", collector=name) == 1, name
-    return metrics
 
 
 def _collect(pg: Server, db: str, **params: Any) -> Metrics:

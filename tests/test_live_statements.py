@@ -14,8 +14,9 @@ from exporter.collectors.statements import clean_text, select
 from exporter.engine import Engine
 from exporter.localpg import LocalCluster, wait_until
 from exporter.snapshot import Snapshot
-from tests.conftest import MONITOR_PASSWORD, MONITOR_ROLE, Metrics, Server, settings_for, start_server
-from tests.pgbins import bindir_for, selected_major
+from tests.support.pgbins import bindir_for, selected_major
+from tests.support.scrape import Metrics
+from tests.support.servers import MONITOR_PASSWORD, MONITOR_ROLE, Server, settings_for, start_server
 
 pytestmark = [pytest.mark.live, pytest.mark.family("slow_queries")]
 
@@ -55,28 +56,15 @@ class Collecting:
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[Server]:
-    """A server of our own: these tests reset pg_stat_statements and count its entries."""
+def pg() -> Iterator[Server]:
+    """A server of our own (it replaces the session's ``pg`` here, also under ``fresh_db``): these tests reset
+    pg_stat_statements and count its entries."""
     srv = start_server("statements")
     if srv.version_num >= 130000:
         srv.execute("ALTER SYSTEM SET pg_stat_statements.track_planning = on")
         srv.execute("SELECT pg_reload_conf()")
     yield srv
     srv.cluster.destroy()
-
-
-_databases = 0
-
-
-@pytest.fixture
-def db(server: Server) -> Iterator[str]:
-    """A fresh database on our server."""
-    global _databases
-    _databases += 1
-    name = f"stmt{_databases}"
-    server.execute(f"CREATE DATABASE {name}")
-    yield name
-    server.execute(f"DROP DATABASE IF EXISTS {name}")
 
 
 @pytest.fixture
@@ -93,30 +81,30 @@ def _start(made: list[Collecting], dsn: str, **params: Any) -> Collecting:
     return item
 
 
-def _run_many(server: Server, dbname: str, statements: list[str]) -> None:
-    with server.cluster.connect(dbname) as conn:
+def _run_many(pg: Server, dbname: str, statements: list[str]) -> None:
+    with pg.cluster.connect(dbname) as conn:
         for sql in statements:
             conn.execute(sql.encode())
 
 
-def _wide_table(server: Server, dbname: str, columns: int = 500, rows: int = 2000) -> list[str]:
+def _wide_table(pg: Server, dbname: str, columns: int = 500, rows: int = 2000) -> list[str]:
     """A table with ``columns`` columns, and one distinct statement per column (a different Var per query)."""
     cols = ", ".join(f"g + {i} AS c{i}" for i in range(columns))
-    server.execute(f"CREATE TABLE wide AS SELECT {cols} FROM generate_series(1, {rows}) g", dbname)
+    pg.execute(f"CREATE TABLE wide AS SELECT {cols} FROM generate_series(1, {rows}) g", dbname)
     return [f"SELECT sum(c{i}) FROM wide" for i in range(columns)]
 
 
-def _exec_time(server: Server) -> str:
+def _exec_time(pg: Server) -> str:
     """The execution time column of the extension installed in the postgres database (total_time before 1.8)."""
-    version = server.execute("SELECT extversion FROM pg_extension WHERE extname = 'pg_stat_statements'")[0]
+    version = pg.execute("SELECT extversion FROM pg_extension WHERE extname = 'pg_stat_statements'")[0]
     major, minor = (int(part) for part in version["extversion"].split("."))
     return "total_exec_time" if (major, minor) >= (1, 8) else "total_time"
 
 
-def _direct(server: Server, dbname: str) -> dict[int, dict[str, float]]:
+def _direct(pg: Server, dbname: str) -> dict[int, dict[str, float]]:
     """Each statement of ``dbname`` as the superuser sees it, summed per queryid (read from another database)."""
-    sums = ", ".join(f"sum({_exec_time(server) if c == 'total_exec_time' else c})::float8 AS {c}" for c in METRICS)
-    rows = server.execute(
+    sums = ", ".join(f"sum({_exec_time(pg) if c == 'total_exec_time' else c})::float8 AS {c}" for c in METRICS)
+    rows = pg.execute(
         f"SELECT queryid, {sums} FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid "
         f"WHERE d.datname = '{dbname}' GROUP BY queryid", "postgres")
     return {int(r["queryid"]): {c: float(r[c]) for c in METRICS} for r in rows}
@@ -142,34 +130,34 @@ def _other(metrics: Metrics, dbname: str) -> dict[str, float]:
     return values
 
 
-def test_top_n_plus_remainder_adds_up(server: Server, db: str, collecting: list[Collecting]) -> None:
-    statements = _wide_table(server, db)
-    _run_many(server, db, statements)
-    exporter = _start(collecting, server.monitor_dsn, top_n=100)
+def test_top_n_plus_remainder_adds_up(pg: Server, fresh_db: str, collecting: list[Collecting]) -> None:
+    statements = _wide_table(pg, fresh_db)
+    _run_many(pg, fresh_db, statements)
+    exporter = _start(collecting, pg.monitor_dsn, top_n=100)
     first = exporter.run()
     assert first.value("pgvitals_collector_success", collector=COLLECTOR) == 1
     for name in METRICS.values():
         shown = [labels for labels, _ in first.find(name) if labels["queryid"] != "other"]
         assert len(shown) == 100, name  # the server holds more than 500 statements: exactly the top 100
         assert len({(s["datname"], s["usename"], s["queryid"]) for s in shown}) == 100
-        assert first.find(name, datname=db, queryid="other"), name
+        assert first.find(name, datname=fresh_db, queryid="other"), name
     # Shown values are the view's own, and on a first run the top is the top by execution time.
-    direct1 = _direct(server, db)
-    shown1 = _shown(first, db)
+    direct1 = _direct(pg, fresh_db)
+    shown1 = _shown(first, fresh_db)
     assert shown1, "some statements of the busy database should make the top 100"
     for queryid, values in shown1.items():
         assert values == pytest.approx(direct1[queryid], rel=1e-9)
     hidden = [v["total_exec_time"] for q, v in direct1.items() if q not in shown1]
     assert min(v["total_exec_time"] for v in shown1.values()) >= max(hidden)
     # The remainder counts from the exporter's start.
-    assert _other(first, db)["calls"] == 0
+    assert _other(first, fresh_db)["calls"] == 0
 
     # Work between two runs: every statement again, a tenth of them five more times.
-    _run_many(server, db, statements + [s for s in statements[::10] for _ in range(5)])
+    _run_many(pg, fresh_db, statements + [s for s in statements[::10] for _ in range(5)])
     second = exporter.run()
-    direct2 = _direct(server, db)
-    shown2 = _shown(second, db)
-    other1, other2 = _other(first, db), _other(second, db)
+    direct2 = _direct(pg, fresh_db)
+    shown2 = _shown(second, fresh_db)
+    other1, other2 = _other(first, fresh_db), _other(second, fresh_db)
     for column in METRICS:
         grown_total = sum(v[column] for v in direct2.values()) - sum(v[column] for v in direct1.values())
         grown_top = sum(v[column] - direct1.get(q, {}).get(column, 0.0) for q, v in shown2.items())
@@ -179,25 +167,25 @@ def test_top_n_plus_remainder_adds_up(server: Server, db: str, collecting: list[
     assert other2["calls"] - other1["calls"] >= len(statements) - len(shown2)
 
 
-def test_selection_is_stable(server: Server, db: str, collecting: list[Collecting]) -> None:
-    _wide_table(server, db, columns=60, rows=3000)
+def test_selection_is_stable(pg: Server, fresh_db: str, collecting: list[Collecting]) -> None:
+    _wide_table(pg, fresh_db, columns=60, rows=3000)
     # Costs far apart: statement i adds up i + 1 columns of every row.
     statements = [f"SELECT sum({' + '.join(f'c{j}' for j in range(i + 1))}) FROM wide" for i in range(60)]
-    _run_many(server, db, statements * 5)
-    exporter = _start(collecting, server.monitor_dsn, top_n=20)
+    _run_many(pg, fresh_db, statements * 5)
+    exporter = _start(collecting, pg.monitor_dsn, top_n=20)
     first = exporter.run()
     ids = {labels["queryid"] for labels, _ in first.find("pg_stat_statements_calls_total")} - {"other"}
     assert len(ids) == 20
     # Nothing changes much: a fifth more of the same workload (near neighbours may swap ranks).
-    _run_many(server, db, statements)
+    _run_many(pg, fresh_db, statements)
     second = exporter.run()
     ids2 = {labels["queryid"] for labels, _ in second.find("pg_stat_statements_calls_total")} - {"other"}
     assert len(ids2) == 20
     # Usually the very same set. On a busy machine one execution can take much longer than usual and really
     # lift a statement to the top: then the change must follow the rule (a newcomer ranks better than half
     # the rank of the statement it displaces, or that one fell out of the top 40).
-    ranks = {str(r["queryid"]): i for i, r in enumerate(server.execute(
-        f"SELECT queryid, sum({_exec_time(server)}) FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid "
+    ranks = {str(r["queryid"]): i for i, r in enumerate(pg.execute(
+        f"SELECT queryid, sum({_exec_time(pg)}) FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid "
         "GROUP BY dbid, userid, queryid ORDER BY 2 DESC"), start=1)}
     left, entered = ids - ids2, ids2 - ids
     assert len(left) <= 2, (left, entered)
@@ -222,28 +210,28 @@ def test_hysteresis_keeps_a_statement_near_the_boundary() -> None:
     assert {r["queryid"] for r in select(rows([6, 1, 2, 4, 5, 3]), 3, shown, eligible)} == {1, 2, 3}
 
 
-def test_query_text_is_opt_in_masked_and_truncated(server: Server, db: str, collecting: list[Collecting]) -> None:
+def test_query_text_is_opt_in_masked_and_truncated(pg: Server, fresh_db: str, collecting: list[Collecting]) -> None:
     secret = "Zebra-Password-4711"
-    server.execute("DROP ROLE IF EXISTS text_probe")
-    server.execute("CREATE ROLE text_probe")
-    server.execute("SELECT pg_stat_statements_reset()")
+    pg.execute("DROP ROLE IF EXISTS text_probe")
+    pg.execute("CREATE ROLE text_probe")
+    pg.execute("SELECT pg_stat_statements_reset()")
     try:
-        _run_many(server, db, [f"ALTER ROLE text_probe PASSWORD '{secret}'",
+        _run_many(pg, fresh_db, [f"ALTER ROLE text_probe PASSWORD '{secret}'",
                                "SELECT relname, relpages FROM pg_class WHERE relkind = 'r' AND relpages >= 0 "
                                "ORDER BY relname LIMIT 3"])
-        plain = _start(collecting, server.monitor_dsn, top_n=1000).run()
+        plain = _start(collecting, pg.monitor_dsn, top_n=1000).run()
         assert plain.value("pgvitals_collector_success", collector=COLLECTOR) == 1
-        assert _shown(plain, db), "the test statements should be shown"
+        assert _shown(plain, fresh_db), "the test statements should be shown"
         assert not plain.find("pg_stat_statements_query_info")
         assert secret not in plain.body
 
-        with_text = _start(collecting, server.monitor_dsn, top_n=1000, query_text=True, query_text_length=40)
+        with_text = _start(collecting, pg.monitor_dsn, top_n=1000, query_text=True, query_text_length=40)
         texts = with_text.run()
-        infos = texts.find("pg_stat_statements_query_info", datname=db)
-        direct = {int(r["queryid"]): r["query"] for r in server.execute(
+        infos = texts.find("pg_stat_statements_query_info", datname=fresh_db)
+        direct = {int(r["queryid"]): r["query"] for r in pg.execute(
             f"SELECT queryid, query FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid "
-            f"WHERE d.datname = '{db}'")}
-        assert {int(labels["queryid"]) for labels, _ in infos} == set(_shown(texts, db))
+            f"WHERE d.datname = '{fresh_db}'")}
+        assert {int(labels["queryid"]) for labels, _ in infos} == set(_shown(texts, fresh_db))
         for labels, value in infos:
             assert value == 1
             assert len(labels["query"]) <= 40
@@ -255,13 +243,13 @@ def test_query_text_is_opt_in_masked_and_truncated(server: Server, db: str, coll
         # Only shown statements get a text: never the remainder.
         assert not texts.find("pg_stat_statements_query_info", queryid="other")
         # Texts are read again only when the shown set changes (the view itself counts our text reads).
-        assert with_text.run().find("pg_stat_statements_query_info", datname=db) == infos
-        reads = server.execute(
+        assert with_text.run().find("pg_stat_statements_query_info", datname=fresh_db) == infos
+        reads = pg.execute(
             f"SELECT sum(calls) AS calls FROM pg_stat_statements WHERE userid = '{MONITOR_ROLE}'::regrole "
             "AND query LIKE '%DISTINCT ON (s.dbid, s.userid, s.queryid)%'")
         assert reads[0]["calls"] == 1
     finally:
-        server.execute("DROP ROLE IF EXISTS text_probe")
+        pg.execute("DROP ROLE IF EXISTS text_probe")
 
 
 def test_clean_text_masks_literals() -> None:
@@ -272,84 +260,84 @@ def test_clean_text_masks_literals() -> None:
     assert clean_text("SELECT " + "x, " * 100, 20) == "SELECT x, x, x, x, x"
 
 
-def test_reset_never_makes_the_remainder_go_backwards(server: Server, db: str,
+def test_reset_never_makes_the_remainder_go_backwards(pg: Server, fresh_db: str,
                                                       collecting: list[Collecting]) -> None:
-    statements = _wide_table(server, db, columns=60, rows=100)
-    _run_many(server, db, statements)
-    exporter = _start(collecting, server.monitor_dsn, top_n=10)
+    statements = _wide_table(pg, fresh_db, columns=60, rows=100)
+    _run_many(pg, fresh_db, statements)
+    exporter = _start(collecting, pg.monitor_dsn, top_n=10)
     before = exporter.run()
-    _run_many(server, db, statements)
+    _run_many(pg, fresh_db, statements)
     middle = exporter.run()
-    server.execute("SELECT pg_stat_statements_reset()")
-    _run_many(server, db, statements[:30])
+    pg.execute("SELECT pg_stat_statements_reset()")
+    _run_many(pg, fresh_db, statements[:30])
     after = exporter.run()
     assert after.value("pgvitals_collector_success", collector=COLLECTOR) == 1
     for name in METRICS.values():
-        values = [m.value(name, datname=db, queryid="other") for m in (before, middle, after)]
+        values = [m.value(name, datname=fresh_db, queryid="other") for m in (before, middle, after)]
         assert None not in values
         assert values[0] <= values[1] <= values[2], name  # type: ignore[operator]
     if after.value("pg_stat_statements_dealloc_total") is not None:
         # 1.9+ records the reset: everything the database's hidden statements did since is the increase.
-        direct = _direct(server, db)
-        shown = _shown(after, db)
+        direct = _direct(pg, fresh_db)
+        shown = _shown(after, fresh_db)
         hidden_calls = sum(v["calls"] for q, v in direct.items() if q not in shown)
-        grown = after.value("pg_stat_statements_calls_total", datname=db, queryid="other") \
-            - middle.value("pg_stat_statements_calls_total", datname=db, queryid="other")  # type: ignore[operator]
+        grown = after.value("pg_stat_statements_calls_total", datname=fresh_db, queryid="other") \
+            - middle.value("pg_stat_statements_calls_total", datname=fresh_db, queryid="other")  # type: ignore[operator]
         assert grown == hidden_calls
         stats_reset = after.value("pg_stat_statements_stats_reset_timestamp_seconds")
         assert stats_reset is not None and stats_reset > 0
 
 
-def test_server_restart_does_not_inflate_the_remainder(server: Server, db: str,
+def test_server_restart_does_not_inflate_the_remainder(pg: Server, fresh_db: str,
                                                         collecting: list[Collecting]) -> None:
-    statements = _wide_table(server, db, columns=40, rows=100)
-    _run_many(server, db, statements)
-    exporter = _start(collecting, server.monitor_dsn, top_n=10)
+    statements = _wide_table(pg, fresh_db, columns=40, rows=100)
+    _run_many(pg, fresh_db, statements)
+    exporter = _start(collecting, pg.monitor_dsn, top_n=10)
     exporter.run()
-    _run_many(server, db, statements)
+    _run_many(pg, fresh_db, statements)
     before = exporter.run()
-    server.cluster.restart()  # a clean restart keeps pg_stat_statements; a failover would bring other values
-    _run_many(server, db, statements)
+    pg.cluster.restart()  # a clean restart keeps pg_stat_statements; a failover would bring other values
+    _run_many(pg, fresh_db, statements)
     after = exporter.run()
-    _run_many(server, db, statements)
+    _run_many(pg, fresh_db, statements)
     later = exporter.run()
     for name in METRICS.values():
-        values = [m.value(name, datname=db, queryid="other") for m in (before, after, later)]
+        values = [m.value(name, datname=fresh_db, queryid="other") for m in (before, after, later)]
         # Across the restart the remainder keeps its value (that run's work is not counted), then grows.
         assert values[0] == values[1], name
         assert values[1] <= values[2], name  # type: ignore[operator]
-    assert later.value("pg_stat_statements_calls_total", datname=db, queryid="other") \
-        > after.value("pg_stat_statements_calls_total", datname=db, queryid="other")  # type: ignore[operator]
+    assert later.value("pg_stat_statements_calls_total", datname=fresh_db, queryid="other") \
+        > after.value("pg_stat_statements_calls_total", datname=fresh_db, queryid="other")  # type: ignore[operator]
 
 
-def _available(server: Server, version: str) -> bool:
-    return bool(server.execute(
+def _available(pg: Server, version: str) -> bool:
+    return bool(pg.execute(
         f"SELECT 1 FROM pg_available_extension_versions WHERE name = 'pg_stat_statements' AND version = '{version}'"))
 
 
 @pytest.mark.parametrize("version", ["1.4", "1.8", "1.9", "1.10", "1.11", "1.12"])
-def test_installed_extension_version_chooses_the_columns(server: Server, db: str, version: str,
+def test_installed_extension_version_chooses_the_columns(pg: Server, fresh_db: str, version: str,
                                                          collecting: list[Collecting]) -> None:
-    if not _available(server, version):
-        pytest.skip(f"pg_stat_statements {version} does not exist on PostgreSQL {server.cluster.major}")
-    server.execute(f"CREATE EXTENSION pg_stat_statements VERSION '{version}'", db)
-    _run_many(server, db, ["CREATE TABLE t (a int)", "INSERT INTO t SELECT generate_series(1, 100)",
+    if not _available(pg, version):
+        pytest.skip(f"pg_stat_statements {version} does not exist on PostgreSQL {pg.cluster.major}")
+    pg.execute(f"CREATE EXTENSION pg_stat_statements VERSION '{version}'", fresh_db)
+    _run_many(pg, fresh_db, ["CREATE TABLE t (a int)", "INSERT INTO t SELECT generate_series(1, 100)",
                            "SELECT count(*) FROM t", "SELECT count(*) FROM t"])
-    metrics = _start(collecting, server.dsn(db), top_n=500).run()
+    metrics = _start(collecting, pg.dsn(fresh_db), top_n=500).run()
     assert metrics.value("pgvitals_collector_success", collector=COLLECTOR) == 1
-    counted = [q for q, v in _shown(metrics, db).items() if v.get("rows") == 2 and v.get("calls") == 2]
+    counted = [q for q, v in _shown(metrics, fresh_db).items() if v.get("rows") == 2 and v.get("calls") == 2]
     assert counted, "the count(*) statement, run twice, should be shown with its two calls"
     number = int(version.split(".")[0]) * 100 + int(version.split(".")[1])
-    has_plan_time = number >= 108 and server.version_num >= 130000  # track_planning is on for this server
-    assert bool(metrics.find("pg_stat_statements_plan_seconds_total", datname=db)) == has_plan_time
-    assert bool(metrics.find("pg_stat_statements_wal_bytes_total", datname=db)) == (number >= 108)
+    has_plan_time = number >= 108 and pg.version_num >= 130000  # track_planning is on for this server
+    assert bool(metrics.find("pg_stat_statements_plan_seconds_total", datname=fresh_db)) == has_plan_time
+    assert bool(metrics.find("pg_stat_statements_wal_bytes_total", datname=fresh_db)) == (number >= 108)
     assert (metrics.value("pg_stat_statements_dealloc_total") is not None) == (number >= 109)
     entries = metrics.value("pg_stat_statements_entries")
     assert entries is not None and entries >= 4
 
 
-def test_missing_extension_is_a_skip_not_an_error(server: Server, db: str, collecting: list[Collecting]) -> None:
-    exporter = _start(collecting, server.dsn(db))
+def test_missing_extension_is_a_skip_not_an_error(pg: Server, fresh_db: str, collecting: list[Collecting]) -> None:
+    exporter = _start(collecting, pg.dsn(fresh_db))
     for _ in range(2):
         metrics = exporter.run()
     assert metrics.value("pgvitals_collector_skipped", collector=COLLECTOR, reason="extension") == 1

@@ -2,40 +2,24 @@
 
 from __future__ import annotations
 
-import os
-import signal
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
 
 from exporter.localpg import wait_until
-from tests.conftest import Metrics, Server, collect_once, start_server
+from tests.support.exporters import collect_once
+from tests.support.logical import Pair, drop_subscription, logical_pair, paused_sender, subscribe
+from tests.support.scrape import Metrics
 
 pytestmark = [pytest.mark.live, pytest.mark.family("subscriptions")]
 
 SUBSCRIPTION_COLLECTORS = ["pg_stat_subscription", "pg_stat_subscription_stats"]
 
 
-@dataclass
-class Pair:
-    publisher: Server
-    subscriber: Server
-
-
 @pytest.fixture(scope="module")
 def pair() -> Iterator[Pair]:
-    """Two clusters: a publisher of table ``items`` and a subscriber with the same table."""
-    publisher = start_server("publisher", settings={"wal_level": "logical"})
-    subscriber = start_server("subscriber", settings={"wal_retrieve_retry_interval": "'1s'"})
-    try:
-        for server in (publisher, subscriber):
-            server.execute("CREATE TABLE items (id int PRIMARY KEY, note text)")
-        publisher.execute("CREATE PUBLICATION pub FOR TABLE items")
-        yield Pair(publisher, subscriber)
-    finally:
-        subscriber.cluster.destroy()
-        publisher.cluster.destroy()
+    with logical_pair() as started:
+        yield started
 
 
 def _collect(pair: Pair) -> Metrics:
@@ -44,22 +28,8 @@ def _collect(pair: Pair) -> Metrics:
     return metrics
 
 
-def _subscribe(pair: Pair, name: str, dbname: str = "postgres", slot: str | None = None) -> None:
-    port = pair.publisher.cluster.port
-    pair.subscriber.execute(f"CREATE SUBSCRIPTION {name} CONNECTION 'host=127.0.0.1 port={port} user=postgres "
-                            f"dbname=postgres' PUBLICATION pub WITH (copy_data = false, slot_name = '{slot or name}')",
-                            dbname)
-    wait_until(lambda: pair.subscriber.execute(
-        f"SELECT count(*) AS n FROM pg_stat_subscription WHERE subname = '{name}' AND relid IS NULL "
-        "AND last_msg_receipt_time IS NOT NULL")[0]["n"] >= 1, timeout=60)
-
-
-def _drop(pair: Pair, name: str, dbname: str = "postgres") -> None:
-    pair.subscriber.execute(f"DROP SUBSCRIPTION IF EXISTS {name}", dbname)
-
-
 def test_a_paused_publisher_shows_growing_lag(pair: Pair) -> None:
-    _subscribe(pair, "watch")
+    subscribe(pair, "watch")
     try:
         metrics = _collect(pair)
         labels = {"datname": "postgres", "subname": "watch"}
@@ -68,11 +38,7 @@ def test_a_paused_publisher_shows_growing_lag(pair: Pair) -> None:
         assert metrics.value("pg_subscription_sync_workers", **labels) == 0
         assert (metrics.value("pg_subscription_parallel_apply_workers", **labels) is not None) == (
             pair.subscriber.version_num >= 160000)
-        # The publisher's WAL sender for this subscription, frozen: the connection stays, nothing arrives.
-        sender = pair.publisher.execute("SELECT pid FROM pg_stat_replication WHERE application_name = 'watch'")
-        pid = int(sender[0]["pid"])
-        os.kill(pid, signal.SIGSTOP)
-        try:
+        with paused_sender(pair, "watch"):
             paused = _collect(pair)
             start = paused.value("pg_subscription_last_message_age_seconds", **labels)
             assert start is not None
@@ -91,14 +57,12 @@ def test_a_paused_publisher_shows_growing_lag(pair: Pair) -> None:
             age = later.value("pg_subscription_last_message_age_seconds", **labels)
             assert age is not None and age <= truth  # the truth was read after the collection
             assert later.value("pg_subscription_apply_workers", **labels) == 1  # still connected, only silent
-        finally:
-            os.kill(pid, signal.SIGCONT)
     finally:
-        _drop(pair, "watch")
+        drop_subscription(pair, "watch")
 
 
 def test_a_disabled_subscription_has_no_apply_worker(pair: Pair) -> None:
-    _subscribe(pair, "sleepy")
+    subscribe(pair, "sleepy")
     try:
         pair.subscriber.execute("ALTER SUBSCRIPTION sleepy DISABLE")
 
@@ -110,7 +74,7 @@ def test_a_disabled_subscription_has_no_apply_worker(pair: Pair) -> None:
         assert metrics.value("pg_subscription_enabled", subname="sleepy") == 0
         assert metrics.value("pg_subscription_last_message_age_seconds", subname="sleepy") is None
     finally:
-        _drop(pair, "sleepy")
+        drop_subscription(pair, "sleepy")
 
 
 def test_a_conflict_counts_apply_errors(pair: Pair) -> None:
@@ -119,7 +83,7 @@ def test_a_conflict_counts_apply_errors(pair: Pair) -> None:
         assert metrics.value("pgvitals_collector_skipped", collector="pg_stat_subscription_stats",
                              reason="version") == 1
         pytest.skip("pg_stat_subscription_stats exists from PostgreSQL 15")
-    _subscribe(pair, "clash")
+    subscribe(pair, "clash")
     try:
         labels = {"datname": "postgres", "subname": "clash"}
         metrics = _collect(pair)
@@ -147,15 +111,15 @@ def test_a_conflict_counts_apply_errors(pair: Pair) -> None:
             assert conflicts is None
     finally:
         pair.subscriber.execute("DELETE FROM items WHERE id = 42")
-        _drop(pair, "clash")
+        drop_subscription(pair, "clash")
         pair.publisher.execute("DELETE FROM items WHERE id = 42")
 
 
 def test_one_name_in_two_databases_stays_two_subscriptions(pair: Pair) -> None:
     pair.subscriber.execute("CREATE DATABASE other")
     pair.subscriber.execute("CREATE TABLE items (id int PRIMARY KEY, note text)", "other")
-    _subscribe(pair, "twin")
-    _subscribe(pair, "twin", "other", slot="twin_other")
+    subscribe(pair, "twin")
+    subscribe(pair, "twin", "other", slot="twin_other")
     try:
         pair.subscriber.execute("ALTER SUBSCRIPTION twin DISABLE", "other")
         wait_until(lambda: pair.subscriber.execute(
@@ -169,6 +133,6 @@ def test_one_name_in_two_databases_stays_two_subscriptions(pair: Pair) -> None:
         else:  # matched by name (see the collector's notes): without a worker it cannot be told apart
             assert not metrics.find("pg_subscription_enabled", datname="other")
     finally:
-        _drop(pair, "twin", "other")
-        _drop(pair, "twin")
+        drop_subscription(pair, "twin", "other")
+        drop_subscription(pair, "twin")
         pair.subscriber.execute("DROP DATABASE other")

@@ -10,8 +10,10 @@ import psycopg
 import pytest
 
 from exporter.localpg import wait_until
-from tests.conftest import Metrics, Server, collect_once
-from tests.test_live_bloat import PendingExclusiveLock, run_collector
+from tests.support.exporters import collect_once, run_collector
+from tests.support.scrape import Metrics
+from tests.support.servers import Server
+from tests.support.sessions import PendingExclusiveLock
 
 pytestmark = [pytest.mark.live, pytest.mark.family("vacuum")]
 
@@ -195,7 +197,7 @@ def test_top_n_membership_is_sticky(pg: Server, fresh_db: str) -> None:
     from exporter.catalog import load
     from exporter.engine import Engine
     from exporter.snapshot import Snapshot
-    from tests.conftest import settings_for
+    from tests.support.servers import settings_for
 
     def add_rows(table: str, rows: int) -> dict[str, int]:
         """Insert, VACUUM (which brings relpages up to date), and return every test table's relpages."""

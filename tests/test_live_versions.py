@@ -12,8 +12,10 @@ from exporter.cli import _skip_detail, main
 from exporter.engine import Engine
 from exporter.localpg import LocalCluster, free_port, wait_until
 from exporter.snapshot import Snapshot
-from tests.conftest import MONITOR_PASSWORD, MONITOR_ROLE, Metrics, Server, collect_once, settings_for
-from tests.pgbins import bindir_for, selected_major
+from tests.support.exporters import collect_once
+from tests.support.pgbins import bindir_for, selected_major
+from tests.support.scrape import Metrics
+from tests.support.servers import MONITOR_PASSWORD, MONITOR_ROLE, Server, settings_for
 
 pytestmark = [pytest.mark.live, pytest.mark.family("skeleton")]
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from exporter.localpg import wait_until
-from tests.conftest import Server, collect_once
-from tests.test_live_locks import sessions
+from tests.support.exporters import collect_once
+from tests.support.servers import Server
+from tests.support.sessions import sessions
 
 pytestmark = [pytest.mark.live, pytest.mark.family("wait_events")]
 

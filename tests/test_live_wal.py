@@ -8,7 +8,9 @@ from typing import Any
 import pytest
 
 from exporter.localpg import wait_until
-from tests.conftest import Metrics, Server, collect_once, start_server
+from tests.support.exporters import collect_once
+from tests.support.scrape import Metrics
+from tests.support.servers import Server, start_server
 
 pytestmark = [pytest.mark.live, pytest.mark.family("wal")]
 

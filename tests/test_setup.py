@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.tools import packaged_binary
+from tests.support.tools import packaged_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 INSTALL = "scripts/install-package"

@@ -28,7 +28,7 @@ def _families(body: bytes) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for line in body.decode().splitlines():
         if line and not line.startswith("#"):
-            out.setdefault(line.partition("{")[0], []).append(line)
+            out.setdefault(line.partition("{")[0].partition(" ")[0], []).append(line)
     return out
 
 
@@ -93,7 +93,12 @@ def test_self_metrics_are_rendered_as_declared() -> None:
     assert not snapshot.record_denied("other", "d", frozenset({"pg_ls_waldir"}))  # no news: not logged again
     assert snapshot.record_databases("main", ["app", "db2"], {"app": "database_unavailable"}) == {
         "app": "database_unavailable"}
+    snapshot.record_reload(True, now=50.0)
+    snapshot.record_reload(False, now=60.0)
     body = _families(snapshot.render(now=100.0))
+    assert body["pgvitals_config_last_reload_successful"] == ["pgvitals_config_last_reload_successful 0"]
+    assert body["pgvitals_config_last_reload_success_timestamp_seconds"] == [
+        "pgvitals_config_last_reload_success_timestamp_seconds 50"]
     assert body["pg_up_reason"] == ['pg_up_reason{target="full",reason="too_many_connections"} 1']
     assert body["pgvitals_collector_denied"] == [
         'pgvitals_collector_denied{target="other",collector="d",object="pg_ls_waldir"} 1']
@@ -104,7 +109,7 @@ def test_self_metrics_are_rendered_as_declared() -> None:
             continue
         spec = declared[name]
         for sample in samples:
-            labels = sample[sample.index("{") + 1:sample.index("}")]
+            labels = sample[sample.index("{") + 1:sample.index("}")] if "{" in sample else ""
             names = [pair.partition("=")[0] for pair in labels.split(",") if pair]
             assert names == (["target"] if spec.per_target else []) + list(spec.labels), sample
 

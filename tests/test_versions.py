@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from exporter.catalog import PG_MAX_SUPPORTED, PG_MIN_SUPPORTED, Collector, MetricSpec, SqlVariant, load
-from tests.embedded import CACHE
-from tests.variant_coverage import (
+from tests.support.embedded import CACHE
+from tests.support.variant_coverage import (
     EXTENSION_VERSIONS,
     FULL_SUITE_MAJOR,
     MATRIX_MAJORS,
@@ -91,7 +91,7 @@ def test_the_extension_version_check_covers_what_the_majors_ship(
 
 def test_an_extension_without_known_versions_is_reported() -> None:
     collector = _collector(SqlVariant("a", 100), extension="pg_foo", version_source="pg_foo")
-    assert "not in tests/variant_coverage.py" in coverage_problems(collector)[0]
+    assert "not in tests/support/variant_coverage.py" in coverage_problems(collector)[0]
 
 
 def _extension_dirs() -> dict[int, Path]:

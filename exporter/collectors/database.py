@@ -7,9 +7,10 @@ from exporter.collectors._helpers import MS, counter, gauge
 
 DB = ("datname",)
 
-# Columns every variant returns; a typed NULL where the server has no such column.
+# Columns every variant returns; a typed NULL where the server has no such column. datid is read only for
+# postgres_exporter's names (exporter/compat.py), which carry it.
 _STAT_DATABASE_COMMON = """
-  d.datname, d.numbackends, d.xact_commit, d.xact_rollback, d.blks_read, d.blks_hit,
+  d.datid, d.datname, d.numbackends, d.xact_commit, d.xact_rollback, d.blks_read, d.blks_hit,
   d.tup_returned, d.tup_fetched, d.tup_inserted, d.tup_updated, d.tup_deleted,
   d.conflicts, d.temp_files, d.temp_bytes, d.deadlocks, d.checksum_failures,
   d.blk_read_time, d.blk_write_time,
@@ -112,6 +113,10 @@ _SETTINGS: tuple[tuple[str, str, str, str], ...] = (
     ("autovacuum_multixact_freeze_max_age", "autovacuum_multixact_freeze_max_age", "",
      "Multixact age that forces an anti-wraparound vacuum."),
     ("autovacuum_max_workers", "autovacuum_max_workers", "", "Maximum concurrent autovacuum workers."),
+    ("autovacuum_vacuum_scale_factor", "autovacuum_vacuum_scale_factor", "",
+     "Fraction of a table's rows that, changed, triggers autovacuum (server default)."),
+    ("autovacuum_vacuum_threshold", "autovacuum_vacuum_threshold", "",
+     "Changed rows added to the scale factor's share before autovacuum runs (server default)."),
     ("max_wal_senders", "max_wal_senders", "", "Maximum concurrent WAL sender processes."),
     ("max_replication_slots", "max_replication_slots", "", "Maximum replication slots."),
     ("max_locks_per_transaction", "max_locks_per_transaction", "", "Lock table size factor."),

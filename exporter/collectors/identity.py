@@ -37,8 +37,8 @@ IDENTITY = Collector(
              "system_identifier (pg_control_system(): differs between clusters, kept by a standby).",
              ("version", "server_version_num", "data_checksums", "cluster_name", "system_identifier")),
     ),
-    notes="A restart: `changes(pg_postmaster_start_time_seconds[10m]) > 0`. A standby built from a primary "
-          "shares its system_identifier; a cluster rebuilt with initdb gets a new one.",
+    notes="A restart: `changes(pg_postmaster_start_time_seconds[10m]) > 0` (the PostgresRestarted alert). A "
+          "standby built from a primary shares its system_identifier; a cluster rebuilt with initdb gets a new one.",
 )
 
 COLLECTORS = (IDENTITY,)

@@ -104,7 +104,7 @@ INDEX_USAGE = Collector(
               "Summed size of the database's unused indexes (not unique, primary or exclusion; zero scans since "
               "the statistics reset): space and write work that buys nothing.", "unused_bytes", ("datname",),
               unit="bytes"),
-        gauge("pg_index_unused_count", "Number of unused indexes in the database (as pg_index_unused_bytes).",
+        gauge("pg_index_unused_indexes", "Number of unused indexes in the database (as pg_index_unused_bytes).",
               "unused_count", ("datname",)),
     ),
     notes=(

@@ -103,7 +103,8 @@ SUBSCRIPTIONS = Collector(
     ),
     notes="Per subscription on the subscriber; the publisher side is pg_replication_slots and pg_stat_replication "
           "(the slot is named after the subscription). Age and lag series are absent while no apply worker "
-          "runs: alert on `pg_subscription_enabled == 1 and pg_subscription_apply_workers == 0`. On 12 and 13 "
+          "runs: the PostgresSubscriptionStopped alert is `pg_subscription_enabled unless "
+          "pg_subscription_apply_workers > 0` (disabled ones included). On 12 and 13 "
           "pg_monitor cannot read pg_subscription.oid: subscriptions are matched by name, and one whose name "
           "another database also uses is reported only while its apply worker runs.",
 )

@@ -44,8 +44,6 @@ UID_CACHE = "pgvitals-cache"
 
 TOP = 10  # rows in "top N" panels
 RANGE = "$__range"
-#: Shares of a sequence's range at which the proposed sequence alerts warn and page (not yet configurable).
-SEQUENCE_WARNING, SEQUENCE_CRITICAL = 0.8, 0.95
 
 
 def _t(kind: str, title: str, about: str, *queries: Query, **options: Any) -> PanelSpec:
@@ -143,9 +141,10 @@ def target_page(c: AlertsConfig) -> dict[str, Any]:
         _t("stat", "Oldest lock wait", "The longest a session has been waiting for a lock.",
            Query(f"max by (target) ({sel('pg_lock_wait_max_seconds')})", "{{target}}"), unit="s",
            thresholds=alarm(c.lock_wait.seconds), width=4, height=5),
-        _t("stat", "Uptime", "Time since the server (postmaster) started; yellow for the first hour after a restart.",
+        _t("stat", "Uptime", "Time since the server (postmaster) started; yellow for "
+           f"{duration(c.restart.within)} after a restart (the restart alert's window).",
            Query(f"time() - {sel('pg_postmaster_start_time_seconds')}", "{{target}}"), unit="s",
-           thresholds=steps((3600, GREEN), base=YELLOW), width=6, height=5),
+           thresholds=steps((c.restart.within, GREEN), base=YELLOW), width=6, height=5),
         _t("table", "Server", "Version, checksums, cluster name and system identifier of each target, and when it "
            "last reloaded its configuration.",
            Query(sel("pg_server_info"), table=True, instant=True),
@@ -310,7 +309,7 @@ def storage_page(c: AlertsConfig) -> dict[str, Any]:
            Query(f"{sel('pg_stat_progress_vacuum_heap_blks_scanned')} / ({sel('pg_stat_progress_vacuum_heap_blks')} "
                  "> 0)", table + " {{phase}} ({{kind}})"), unit="percentunit", min=0, max=1, width=8),
         _t("timeseries", "Autovacuum workers", "Autovacuum workers by what they do, against autovacuum_max_workers: "
-           "all of them busy for long means tables queue for vacuum.",
+           f"all of them busy for {duration(c.autovacuum_workers.for_)} fires the alert (tables queue for vacuum).",
            Query(f"sum by (target, state) ({sel('pg_autovacuum_workers')})", "{{target}} {{state}}"),
            Query(sel("pg_settings_autovacuum_max_workers"), "{{target}} autovacuum_max_workers"), unit="short",
            width=8),
@@ -324,8 +323,10 @@ def storage_page(c: AlertsConfig) -> dict[str, Any]:
            "nothing (not unique, primary or exclusion). Check standbys and rare jobs before dropping one.",
            Query(f"topk({TOP}, {sel('pg_index_unused_size_bytes')})", table=True, instant=True), unit="bytes",
            transformations=[{"id": "organize", "options": {"excludeByName": {"Time": True, "__name__": True}}}]),
-        _t("timeseries", "Unused index space", "Summed size of the unused indexes of each database.",
-           Query(sel("pg_index_unused_bytes"), "{{target}}/{{datname}}"), unit="bytes"),
+        _t("timeseries", "Unused index space", "Summed size of the unused indexes of each database; the info alert "
+           f"fires above {c.unused_indexes.bytes / 2**20:g} MiB.",
+           Query(sel("pg_index_unused_bytes"), "{{target}}/{{datname}}"), unit="bytes",
+           thresholds=alarm(c.unused_indexes.bytes)),
         _t("bargauge", "Most scanned indexes", f"Index scans per second (top {TOP}).",
            Query(f"topk({TOP}, sum by (target, datname, schemaname, relname, indexrelname) "
                  f"({rate('pg_stat_user_indexes_scans_total')}))", "{{datname}} {{indexrelname}}"), unit="ops"),
@@ -335,13 +336,13 @@ def storage_page(c: AlertsConfig) -> dict[str, Any]:
         "Sequences",
         _t("bargauge", "Sequences closest to exhaustion", "Share of its range each sequence has used, bounded by the "
            "column it feeds (sequences over the exporter's floor, default 50 %); yellow at "
-           f"{SEQUENCE_WARNING:.0%}, red at {SEQUENCE_CRITICAL:.0%}.",
+           f"{c.sequences.warning:.0%}, red at {c.sequences.critical:.0%} (the alerts).",
            Query(f"topk({TOP}, {sel('pg_sequence_used_ratio')})", "{{datname}} {{schemaname}}.{{sequencename}}"),
-           unit="percentunit", min=0, max=1, thresholds=rising(SEQUENCE_WARNING, SEQUENCE_CRITICAL), width=12),
+           unit="percentunit", min=0, max=1, thresholds=rising(c.sequences.warning, c.sequences.critical), width=12),
         _t("timeseries", "Highest sequence use per database", "The most used sequence of each database, whatever "
            "the floor; sequences the exporter's role cannot read are not measured (see the next panel).",
            Query(sel("pg_sequences_max_used_ratio"), "{{target}}/{{datname}}"), unit="percentunit", min=0,
-           thresholds=rising(SEQUENCE_WARNING, SEQUENCE_CRITICAL), width=8),
+           thresholds=rising(c.sequences.warning, c.sequences.critical), width=8),
         _t("stat", "Unreadable sequences", "Sequences whose value the exporter's role may not read (grant SELECT or "
            "pg_read_all_data): they are not watched.",
            Query(f"sum by (target) ({sel('pg_sequences_unreadable')})", "{{target}}"), unit="none",
@@ -410,15 +411,19 @@ def replication_page(c: AlertsConfig) -> dict[str, Any]:
                "1": {"text": "active", "color": GREEN, "index": 1}}}], thresholds=steps((1, GREEN), base=RED)),
         "Logical replication (subscriber)",
         _t("timeseries", "Subscription apply workers", "Apply workers of each subscription on this subscriber: 0 "
-           "while enabled means it is stopped (cannot connect, or errors and restarts).",
+           "while enabled means it is stopped (cannot connect, or errors and restarts); no worker for "
+           f"{duration(c.subscription_stopped.for_)} fires the alert.",
            Query(sel("pg_subscription_apply_workers"), "{{target}}/{{datname}} {{subname}} apply"),
            Query(sel("pg_subscription_enabled"), "{{target}}/{{datname}} {{subname}} enabled"), unit="short",
            min=0, width=8),
         _t("timeseries", "Time since the publisher was heard from", "Seconds since each subscription's apply worker "
-           "last received anything from its publisher; keepalives keep it under wal_sender_timeout / 2.",
+           "last received anything from its publisher; keepalives keep it under wal_sender_timeout / 2. Red at "
+           f"{duration(c.subscription_silent.seconds)} (the alert).",
            Query(sel("pg_subscription_last_message_age_seconds"), "{{target}}/{{datname}} {{subname}}"), unit="s",
-           width=8),
-        _t("timeseries", "Subscription errors", "Apply and table synchronization errors per rate interval (15+).",
+           thresholds=alarm(c.subscription_silent.seconds), width=8),
+        _t("timeseries", "Subscription errors", "Apply and table synchronization errors per rate interval (15+); "
+           f"the alert fires above {c.subscription_errors.count} in {duration(c.rate_window)} for "
+           f"{duration(c.subscription_errors.for_)}.",
            Query(f"increase({sel('pg_subscription_apply_errors_total')}[$__rate_interval])",
                  "apply {{target}}/{{datname}} {{subname}}"),
            Query(f"increase({sel('pg_subscription_sync_errors_total')}[$__rate_interval])",

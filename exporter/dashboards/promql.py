@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from exporter.catalog import MetricSpec, load
+from exporter.catalog import Catalog, MetricSpec
 from exporter.durations import format_duration
 
 #: Names Prometheus itself provides (scrape health and alert state), usable next to our metrics.
@@ -33,7 +33,7 @@ class UnknownMetric(KeyError):
 def spec(name: str) -> MetricSpec:
     """The catalog declaration of ``name``; UnknownMetric when pgvitals does not export it."""
     try:
-        return load().metric(name)
+        return Catalog.builtin().metric(name)  # shipped dashboards and rules name built-in metrics only
     except KeyError:
         raise UnknownMetric(f"no metric {name!r} in the catalog (renamed or not declared yet?)") from None
 

@@ -2,9 +2,9 @@
 
 Usage::
 
-    from tests.pgbouncer import start_pgbouncer
+    from tests.support.pgbouncer import start_pgbouncer
 
-    bouncer = start_pgbouncer(pg, pool_size=2)          # pg: tests.conftest.Server
+    bouncer = start_pgbouncer(pg, pool_size=2)          # pg: tests.support.servers.Server
     try:
         psycopg.connect(bouncer.client_dsn("postgres"))  # an application client (role pgb_app)
         exporter_dsn = bouncer.admin_dsn                 # stats user on the admin console
@@ -202,7 +202,7 @@ def start_pgbouncer(
     settings: Mapping[str, str | int] | None = None,
     wait: float = 15.0,
 ) -> PgBouncer:
-    """Start PgBouncer in front of ``server`` (a tests.conftest.Server) and wait until it accepts logins.
+    """Start PgBouncer in front of ``server`` (a tests.support.servers.Server) and wait until it accepts logins.
 
     ``users`` (default: ``{"pgb_app": ...}``) are created as login roles on the server. Every database
     of the server is reachable through the ``*`` fallback entry; ``databases`` adds explicit entries

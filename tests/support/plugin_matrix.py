@@ -3,7 +3,7 @@
 Active only when ``$PGVITALS_MATRIX_RESULTS`` names a directory (scripts/matrix gives each pytest
 process its own). It observes the engine without changing what it does: ``Engine._run_one`` is
 wrapped to see each run's outcome, ``Collector.variant_for`` to see which variant the run chose.
-At the end of the session it writes ``results-<pid>.json`` there; tests/variant_coverage.py reads it.
+At the end of the session it writes ``results-<pid>.json`` there; tests/support/variant_coverage.py reads it.
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ class Recorder:
     def write(self, config: pytest.Config, exitstatus: int) -> Path:
         """The session's results as JSON in the results directory."""
         from exporter.catalog import load
-        from tests.pgbins import selected_major
+        from tests.support.pgbins import selected_major
 
         try:
             catalog = [

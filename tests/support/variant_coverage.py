@@ -97,7 +97,7 @@ def extension_coverage_problems(collector: Collector, majors: Sequence[int] = MA
     """Gaps, overlaps and unexercisable variants of a collector whose variants follow an extension's version."""
     extension = collector.version_source
     if extension not in EXTENSION_VERSIONS:
-        return [f"{collector.name}: versions of extension {extension!r} are not in tests/variant_coverage.py "
+        return [f"{collector.name}: versions of extension {extension!r} are not in tests/support/variant_coverage.py "
                 "EXTENSION_VERSIONS (add what each major ships)"]
     lowest_major = max(majors[0], collector.min_server_version // 10000)
     problems: list[str] = []

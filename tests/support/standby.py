@@ -9,7 +9,7 @@ from the primary through the slot (``primary_conninfo``, ``primary_slot_name``, 
 
 Usage::
 
-    standby = start_standby(primary, slot="s1")   # a tests.conftest.Server, plus:
+    standby = start_standby(primary, slot="s1")   # a tests.support.servers.Server, plus:
     standby.wait_caught_up()                      # replay position reached the primary's
     standby.promote()                             # leaves recovery; it is a primary afterwards
     standby.destroy()                             # stops it, removes its files, drops the slot
@@ -29,7 +29,7 @@ from typing import Any
 import psycopg
 
 from exporter.localpg import LocalCluster, LocalPgError, wait_until
-from tests.conftest import MONITOR_PASSWORD, MONITOR_ROLE, Server
+from tests.support.servers import MONITOR_PASSWORD, MONITOR_ROLE, Server
 
 # What a base backup leaves out (as pg_basebackup does): runtime state that must start empty on
 # the copy. The directories themselves are kept, empty.
