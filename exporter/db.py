@@ -315,9 +315,10 @@ class FairSlots:
 class TargetConnections:
     """A bounded set of connections to one server, reused per database.
 
-    At most ``limit`` are busy at once; at most ``idle`` are kept open between runs (the least recently
-    used database's is closed first, the DSN's database last), so never more than ``max(limit, idle)``
-    are open. Runs in databases other than the DSN's (per-database sweeps) may hold at most
+    At most ``limit`` are busy at once; at most ``idle`` are kept open between runs (beyond that the
+    least recently used database's is closed, the DSN's database last), and never more than
+    ``max(limit, idle)`` are open (to make room for a new one, the most recently used idle one is closed:
+    in a sweep's cycle it is the one needed last). Runs in databases other than the DSN's (per-database sweeps) may hold at most
     ``limit - 1`` of the busy slots: one stays free for the server-level collectors.
     """
 
@@ -385,8 +386,10 @@ class TargetConnections:
                     self._idle.move_to_end(key)
                     return conn
                 self._open -= 1
-            # Keep the total open connections within bounds: close the least recently used idle one.
-            while self._open >= max(self.limit, self.idle_limit) and self._close_lru_locked():
+            # Keep the total open connections within bounds. Close the most recently used idle one: sweeps
+            # visit the databases in a cycle, and the least recently used is the one the sweep needs next
+            # (closing it would make every later visit of the cycle reconnect too).
+            while self._open >= max(self.limit, self.idle_limit) and self._close_lru_locked(newest=True):
                 pass
             self._open += 1
             self.opened += 1
@@ -419,17 +422,17 @@ class TargetConnections:
             raise error from None
         return conn
 
-    def _close_lru_locked(self) -> bool:
-        """Close the idle connection of the least recently used database, the DSN's database last."""
+    def _close_lru_locked(self, newest: bool = False) -> bool:
+        """Close the idle connection of the least (``newest``: most) recently used database, the DSN's last."""
         for key in [k for k, pool in self._idle.items() if not pool]:
             del self._idle[key]
         keys = [k for k in self._idle if k != self.default_dbname] or list(self._idle)
         if not keys:
             return False
-        pool = self._idle[keys[0]]
+        pool = self._idle[keys[-1] if newest else keys[0]]
         conn = pool.pop(0)
         if not pool:
-            del self._idle[keys[0]]
+            del self._idle[keys[-1] if newest else keys[0]]
         self._idle_count -= 1
         self._open -= 1
         conn.close()
