@@ -7,6 +7,9 @@ query time each one cost the database per minute.
 
 Needs the Debian package prometheus-postgres-exporter (its example queries.yaml is used, as the
 brief's reference figures were). Run: python bench/compare_postgres_exporter.py [--tables 10000]
+``--relations-interval 60`` runs pgvitals' per-relation collectors (those of the one pass) every minute;
+``--baseline DIR`` adds a third exporter, pgvitals from another source tree (e.g. `git archive main
+exporter | tar -x -C DIR`), with a role of its own, for a before/after in the same run.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from exporter.localpg import LocalCluster, free_port, wait_until
 PE_BINARY = "/usr/bin/prometheus-postgres-exporter"
 PE_QUERIES = "/usr/share/doc/prometheus-postgres-exporter/examples/queries.yaml"
 PASSWORD = "bench-password"
+RELATION_COLLECTORS = ("pg_stat_user_tables", "pg_statio_user_tables", "pg_statio_user_indexes", "pg_table_wraparound")
 
 
 def create_tables(cluster: LocalCluster, count: int) -> None:
@@ -78,6 +82,8 @@ def main() -> int:
     parser.add_argument("--tables", type=int, default=10_000)
     parser.add_argument("--window", type=float, default=120.0, help="measurement window in seconds")
     parser.add_argument("--scrape-interval", type=float, default=15.0)
+    parser.add_argument("--relations-interval", help="interval of the per-relation collectors (e.g. 60s)")
+    parser.add_argument("--baseline", type=Path, help="another pgvitals source tree to run beside (before/after)")
     args = parser.parse_args()
     if not Path(PE_BINARY).exists():
         print("install prometheus-postgres-exporter (Debian) first", file=sys.stderr)
@@ -90,7 +96,8 @@ def main() -> int:
         started = time.monotonic()
         create_tables(cluster, args.tables)
         print(f"created {args.tables} tables in {time.monotonic() - started:.0f}s", flush=True)
-        for role in ("pe_bench", "pv_bench"):
+        roles = ("pe_bench", "pv_bench", "pv_base") if args.baseline else ("pe_bench", "pv_bench")
+        for role in roles:
             cluster.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{PASSWORD}' IN ROLE pg_monitor")
 
         pe_port, pv_port = free_port(), free_port()
@@ -99,21 +106,33 @@ def main() -> int:
         procs.append(subprocess.Popen(
             [PE_BINARY, f"--web.listen-address=127.0.0.1:{pe_port}", f"--extend.query-path={PE_QUERIES}"],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        config = Path(tempfile.mkdtemp()) / "pgvitals.yaml"
-        config.write_text(
-            f"listen: 127.0.0.1:{pv_port}\n"
-            f"targets:\n  - name: bench\n    dsn: postgresql://pv_bench:{PASSWORD}@127.0.0.1:{cluster.port}/bench\n"
-            "log: {level: WARNING}\n"
-        )
-        procs.append(subprocess.Popen([sys.executable, "-m", "exporter", "run", "--config", str(config)],
-                                      stdout=subprocess.DEVNULL))
-        pe, pv = procs
-        wait_until(lambda: _ready(pv_port), timeout=300, interval=0.5)
+        collectors = ""
+        if args.relations_interval:
+            collectors = "collectors:\n" + "".join(
+                f"  {name}: {{interval: {args.relations_interval}, timeout: 30s}}\n" for name in RELATION_COLLECTORS)
+        pv_ports = {"pv_bench": free_port(), "pv_base": free_port()}
+        for role, source in (("pv_bench", None), ("pv_base", args.baseline)):
+            if role not in roles:
+                continue
+            config = Path(tempfile.mkdtemp()) / "pgvitals.yaml"
+            config.write_text(
+                f"listen: 127.0.0.1:{pv_ports[role]}\n"
+                f"targets:\n  - name: bench\n    dsn: postgresql://{role}:{PASSWORD}@127.0.0.1:{cluster.port}/bench\n"
+                "log: {level: WARNING}\n" + collectors
+            )
+            # `python -m` looks in the working directory first: run a baseline from its own tree.
+            child_env = dict(os.environ, PYTHONPATH=str(source), PYTHONDONTWRITEBYTECODE="1") if source else None
+            procs.append(subprocess.Popen([sys.executable, "-m", "exporter", "run", "--config", str(config)],
+                                          stdout=subprocess.DEVNULL, env=child_env, cwd=source))
+        pv_port = pv_ports["pv_bench"]
+        pe, pv = procs[0], procs[1]
+        for role in roles[1:]:
+            wait_until(lambda role=role: _ready(pv_ports[role]), timeout=300, interval=0.5)
         wait_until(lambda: _serves(pe_port), timeout=60, interval=0.5)
         scrape(pe_port)  # warm both up once
         scrape(pv_port)
         cluster.execute("SELECT pg_stat_statements_reset()")
-        before = {r: db_time_ms(cluster, r) for r in ("pe_bench", "pv_bench")}
+        before = {r: db_time_ms(cluster, r) for r in roles}
         results: dict[str, list[tuple[float, int, int]]] = {"postgres_exporter": [], "pgvitals": []}
         window_start = time.monotonic()
         while time.monotonic() - window_start < args.window:
@@ -126,7 +145,7 @@ def main() -> int:
         memory = {"postgres_exporter": rss_mb(pe.pid), "pgvitals": rss_mb(pv.pid)}
 
         print(f"\n{args.tables} tables, PostgreSQL {cluster.major}, scraped every {args.scrape_interval:g}s "
-              f"for {minutes:.1f} min\n")
+              f"for {minutes:.1f} min, per-relation collectors every {args.relations_interval or 'default'}\n")
         print("| | postgres_exporter 0.11 (example queries) | pgvitals (defaults) | ratio |")
         print("|---|---|---|---|")
         pe_r, pv_r = results["postgres_exporter"], results["pgvitals"]
@@ -138,6 +157,9 @@ def main() -> int:
             ("resident memory", memory["postgres_exporter"], memory["pgvitals"], "{:.0f} MB"),
             ("database query time per minute", cost["pe_bench"], cost["pv_bench"], "{:.2f} s"),
         ]
+        if args.baseline:
+            rows.append(("database query time per minute, baseline pgvitals", cost["pe_bench"], cost["pv_base"],
+                         "{:.2f} s"))
         for label, a, b, fmt in rows:
             ratio = f"{a / b:.1f}x" if b else "n/a"
             print(f"| {label} | {fmt.format(a)} | {fmt.format(b)} | {ratio} |")

@@ -2,7 +2,8 @@
 
 Starts a throwaway cluster, creates N small tables (default 10,000, each with a primary key and a few
 rows, VACUUM ANALYZEd so relpages is set), then times side by side, as a pg_monitor-only role inside
-a READ ONLY transaction: the pg_statio_user_tables / pg_statio_user_indexes collectors' SQL, a full
+a READ ONLY transaction: the per-relation pass that the pg_statio_user_tables / pg_statio_user_indexes
+collectors read (exporter/collectors/relations.py) with only their section, and with all four, a full
 read of each view (what an exporter without a bound reads), and the same top-N ranked by
 pg_total_relation_size() (which takes a lock on every relation). Median of several runs.
 Run: python bench/statio_top_n.py [--tables N] [--runs R] [--bindir DIR]
@@ -18,11 +19,21 @@ from typing import Any
 
 import psycopg
 
-from exporter.collectors.cache import _INDEXES_SQL, _TABLES_SQL
+from exporter.collectors.relations import PREFIX, STATIO_INDEXES, STATIO_TABLES, VARIANTS
 from exporter.localpg import LocalCluster
 
-# The collector's settings for its transaction (see exporter/collectors/cache.py: fetch_top).
+# The collector's settings for its transaction (see exporter/db.py: Session.guarded).
 OUR_SETTINGS = "SET jit = off; SET max_parallel_workers_per_gather = 0"
+
+
+
+def pass_params(sections: tuple[str, ...], top_n: int) -> dict[str, Any]:
+    """Parameters of the relations pass with only ``sections`` on (no incumbents: a first run)."""
+    params: dict[str, Any] = {"ut_top_n_churn": 10 if "pg_stat_user_tables" in sections else 0}
+    for name, prefix in PREFIX.items():
+        params.update({f"{prefix}_on": name in sections, f"{prefix}_top_n": top_n, f"{prefix}_incumbents": []})
+    return params
+
 
 _TOP_N_OVER_VIEW = """
 WITH ranked AS MATERIALIZED (
@@ -105,18 +116,19 @@ def main() -> None:
         print(f"setup {time.monotonic() - started:.0f} s")
         monitor = cluster.create_monitor_role("bench_mon", "bench-monitor-pw").rsplit("/", 1)[0] + "/many"
     try:
-        params = {"top_n": args.top_n, "incumbents": []}
+        pass_sql = next(v.sql for v in VARIANTS if v.min_version <= 150000 < v.max_version)
+        tables, indexes = pass_params((STATIO_TABLES,), args.top_n), pass_params((STATIO_INDEXES,), args.top_n)
+        every = pass_params(tuple(PREFIX), args.top_n)
         top = {"top_n": args.top_n}
         cases: list[Case] = [
-            ("pg_statio_user_tables collector: top N + other (our SQL, jit and parallel off)", _TABLES_SQL, params,
-             OUR_SETTINGS),
-            ("the same SQL at server defaults", _TABLES_SQL, params, ""),
+            ("relations pass, statio tables section only (jit and parallel off)", pass_sql, tables, OUR_SETTINGS),
+            ("the same SQL at server defaults", pass_sql, tables, ""),
             ("top N + other over the pg_statio_user_tables view", _TOP_N_OVER_VIEW, top, ""),
             ("full read: SELECT * FROM pg_statio_user_tables", "SELECT * FROM pg_catalog.pg_statio_user_tables",
              None, ""),
             ("top N by pg_total_relation_size (a lock per relation)", _SIZED_BY_LOCKING_FUNCTION, top, ""),
-            ("pg_statio_user_indexes collector: top N + other (jit and parallel off)", _INDEXES_SQL, params,
-             OUR_SETTINGS),
+            ("relations pass, statio indexes section only (jit and parallel off)", pass_sql, indexes, OUR_SETTINGS),
+            ("relations pass, all four sections (jit and parallel off)", pass_sql, every, OUR_SETTINGS),
             ("full read: SELECT * FROM pg_statio_user_indexes", "SELECT * FROM pg_catalog.pg_statio_user_indexes",
              None, ""),
         ]

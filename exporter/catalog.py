@@ -123,6 +123,9 @@ class Collector:
     # has_function_privilege/has_table_privilege at each probe, so a denial never becomes an ERROR in the
     # server log. Keep such an object in a collector of its own, so its denial takes nothing else along.
     requires: tuple[str, ...] = ()
+    # Collectors naming the same pass read one database in one query (their shared variants and fetch
+    # hook answer all of them); one that runs within 10 % of its interval after another's pass reuses it.
+    shared_pass: str | None = None
     # Where a user declared it ("" for a built-in): the config path, or the queries file and namespace.
     origin: str = ""
     # Metric names follow postgres_exporter's queries.yaml rule (namespace_column, counters without _total).
@@ -302,6 +305,7 @@ def validate(collectors: Sequence[Collector], self_metrics: Sequence[MetricSpec]
     problems: list[str] = []
     names: dict[str, str] = {}
     owners: dict[str, str] = {spec.name: "pgvitals" for spec in self_metrics}
+    passes: dict[str, tuple[SqlVariant, ...]] = {}
     for collector in collectors:
         where = f"collector {collector.name!r}"
         if collector.name in names:
@@ -312,6 +316,12 @@ def validate(collectors: Sequence[Collector], self_metrics: Sequence[MetricSpec]
         if not collector.variants and collector.fetch is None:
             problems.append(f"{where}: needs SQL variants or a fetch hook")
         problems.extend(_overlaps(collector))
+        if collector.shared_pass is not None:
+            # Whichever collector of the pass runs it answers for all: one query, one hook.
+            if collector.fetch is None:
+                problems.append(f"{where}: a shared pass needs the fetch hook that answers all its collectors")
+            if passes.setdefault(collector.shared_pass, collector.variants) != collector.variants:
+                problems.append(f"{where}: shares pass {collector.shared_pass!r} with other SQL variants")
         if collector.writes and (collector.enabled or collector.role != "primary"):
             problems.append(f"{where}: a collector that writes must be disabled by default and primary-only")
         for spec in collector.metrics:

@@ -134,6 +134,9 @@ class TargetConfig(Endpoint):
 
     databases: DatabaseFilter = Field(default_factory=DatabaseFilter)
     max_connections: int = Field(default=2, ge=1, le=20)
+    # Sessions kept open between runs (None: max_connections). More means fewer reconnects to the
+    # databases per-database collectors visit, at the price of server connection slots.
+    idle_connections: int | None = Field(default=None, ge=1, le=10_000)
 
 
 class PgBouncerConfig(Endpoint):

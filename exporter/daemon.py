@@ -17,7 +17,7 @@ from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers import SchedulerNotRunningError
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from exporter import __version__, shards
+from exporter import __version__, planner, shards
 from exporter import dynamic as dynamic_targets
 from exporter.catalog import Catalog
 from exporter.config import ConfigError, PgBouncerConfig, Settings, TargetConfig
@@ -30,6 +30,9 @@ from exporter.snapshot import Snapshot
 from exporter.webconfig import WebConfig
 
 log = logging.getLogger("pgvitals.daemon")
+
+#: The executor of per-database collectors (see Daemon.__init__).
+SWEEPS = "sweeps"
 
 #: First /probe requests of new targets that may wait for the connection attempt at the same time (the HTTP
 #: server has 4 workers: at least 2 stay free for /metrics and the probes of known targets).
@@ -66,8 +69,15 @@ class Daemon:
         # Room for the targets /probe may register, when an auth module lets it.
         dynamic = settings.max_dynamic_targets if settings.auth_modules else 0
         workers = settings.workers or min(64, 4 + 2 * (len(self.engine.targets) + dynamic))
+        # Per-database collectors hold a worker for a whole sweep (minutes over 1,000 databases): they get
+        # workers of their own, so that server-level collectors never wait behind them.
+        per_database = sum(1 for eff in planner.applicable(self.engine.collectors.values(), False)
+                           if eff.collector.scope == "database")
+        servers = sum(1 for runtime in self.engine.targets.values() if not runtime.is_pgbouncer) + dynamic
+        sweepers = per_database * servers
         self.scheduler = BackgroundScheduler(
-            executors={"default": ThreadPoolExecutor(max_workers=workers)},
+            executors={"default": ThreadPoolExecutor(max_workers=workers),
+                       SWEEPS: ThreadPoolExecutor(max_workers=min(64, max(1, sweepers)))},
             job_defaults={"coalesce": True, "max_instances": 1},
             timezone="UTC",
         )
@@ -108,6 +118,7 @@ class Daemon:
         self.scheduler.add_job(
             self.engine.collect, "interval", seconds=eff.interval, args=(runtime, eff),
             id=self._collector_job_id(runtime, eff), jitter=min(eff.interval * 0.1, 5.0),
+            executor=SWEEPS if eff.collector.scope == "database" else "default",
             next_run_time=first, misfire_grace_time=max(1, int(eff.interval)),
         )
 

@@ -7,7 +7,8 @@ import os
 import re
 import socket
 import threading
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -273,55 +274,125 @@ WHERE l.locktype = 'relation' AND l.mode = 'AccessExclusiveLock'
   AND COALESCE(x.indrelid, owner.oid, l.relation) = ANY(%(relids)s::oid[])"""
 
 
-class TargetConnections:
-    """A bounded set of connections to one server: at most ``limit`` open, idle ones reused per database."""
+class FairSlots:
+    """A counting semaphore that serves waiters in arrival order.
 
-    def __init__(self, options: ConnectOptions, limit: int):
+    threading.Semaphore lets a thread that releases and asks again take the slot before a waiter wakes:
+    a sweep over many databases would then keep its slot from one database to the next while another
+    sweep's waiter times out. Here a released slot is handed to the longest waiter.
+    """
+
+    def __init__(self, count: int):
+        self._free = count
+        self._lock = threading.Lock()
+        self._waiters: deque[threading.Event] = deque()
+
+    def acquire(self, timeout: float) -> bool:
+        """Take a slot, waiting at most ``timeout`` seconds; False when none came."""
+        with self._lock:
+            if self._free > 0 and not self._waiters:
+                self._free -= 1
+                return True
+            granted = threading.Event()
+            self._waiters.append(granted)
+        if granted.wait(max(0.0, timeout)):
+            return True
+        with self._lock:
+            if granted.is_set():  # handed over just as the wait ended
+                return True
+            self._waiters.remove(granted)
+            return False
+
+    def release(self) -> None:
+        """Give the slot to the longest waiter, or back to the pool."""
+        with self._lock:
+            if self._waiters:
+                self._waiters.popleft().set()
+            else:
+                self._free += 1
+
+
+class TargetConnections:
+    """A bounded set of connections to one server, reused per database.
+
+    At most ``limit`` are busy at once; at most ``idle`` are kept open between runs (beyond that the
+    least recently used database's is closed, the DSN's database last), and never more than
+    ``max(limit, idle)`` are open (to make room for a new one, the most recently used idle one is closed:
+    in a sweep's cycle it is the one needed last). Runs in databases other than the DSN's (per-database sweeps) may hold at most
+    ``limit - 1`` of the busy slots: one stays free for the server-level collectors.
+    """
+
+    def __init__(self, options: ConnectOptions, limit: int, idle: int | None = None):
         self.options = options
         self.limit = limit
-        self._slots = threading.BoundedSemaphore(limit)
+        self.idle_limit = limit if idle is None else max(1, idle)
+        self._slots = FairSlots(limit)
+        self._sweep_slots = FairSlots(max(1, limit - 1))
         self._idle: OrderedDict[str, list[psycopg.Connection[Row]]] = OrderedDict()
         self._lock = threading.Lock()
         self._open = 0
+        self._idle_count = 0
         self._closed = False
-        self.default_dbname = conninfo_to_dict(options.dsn).get("dbname") or ""
+        self.default_dbname = str(conninfo_to_dict(options.dsn).get("dbname") or "")
+        self.opened = 0  # connections ever opened: what reconnect churn the server sees
+
+    def _key(self, dbname: str | None) -> str:
+        return dbname or self.default_dbname
+
+    def idle_databases(self) -> list[str]:
+        """Databases with a connection open and idle now, least recently used first."""
+        with self._lock:
+            return [key for key, pool in self._idle.items() if pool]
 
     @contextmanager
     def session(self, dbname: str | None = None, wait: float = 30.0) -> Iterator[Session]:
         """Borrow a connection to ``dbname`` (default: the DSN's database) for one run."""
-        if not self._slots.acquire(timeout=wait):
-            raise CollectError("busy", f"no connection free within {wait:g}s (max_connections={self.limit})")
-        conn = None
+        sweep = self._key(dbname) != self.default_dbname and self.limit > 1
+        deadline = time.monotonic() + wait
+        if sweep and not self._sweep_slots.acquire(timeout=wait):
+            raise CollectError("busy", f"no connection free within {wait:g}s (max_connections={self.limit}, "
+                                       "one kept for server-level collectors)")
         try:
-            conn = self._take(dbname)
-            session = Session(conn, dbname or str(self.default_dbname), self.options.pgbouncer)
-            yield session
-        except BaseException as exc:
-            if conn is not None and (conn.closed or conn.broken or not isinstance(exc, psycopg.Error)):
-                self._discard(conn)
-                conn = None
-            raise
+            if not self._slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                raise CollectError("busy", f"no connection free within {wait:g}s (max_connections={self.limit})")
+            conn = None
+            try:
+                conn = self._take(dbname)
+                session = Session(conn, self._key(dbname), self.options.pgbouncer)
+                yield session
+            except BaseException as exc:
+                if conn is not None and (conn.closed or conn.broken or not isinstance(exc, psycopg.Error)):
+                    self._discard(conn)
+                    conn = None
+                raise
+            finally:
+                if conn is not None:
+                    self._give_back(dbname, conn)
+                self._slots.release()
         finally:
-            if conn is not None:
-                self._give_back(dbname, conn)
-            self._slots.release()
+            if sweep:
+                self._sweep_slots.release()
 
     def _take(self, dbname: str | None) -> psycopg.Connection[Row]:
-        key = dbname or ""
+        key = self._key(dbname)
         with self._lock:
             if self._closed:
                 raise TargetDown("the target was removed", reason="removed")
             pool = self._idle.get(key)
             while pool:
                 conn = pool.pop()
+                self._idle_count -= 1
                 if not conn.closed and not conn.broken:
                     self._idle.move_to_end(key)
                     return conn
                 self._open -= 1
-            # Keep the total open connections within the limit: close the least recently used idle one.
-            while self._open >= self.limit and self._close_lru_locked():
+            # Keep the total open connections within bounds. Close the most recently used idle one: sweeps
+            # visit the databases in a cycle, and the least recently used is the one the sweep needs next
+            # (closing it would make every later visit of the cycle reconnect too).
+            while self._open >= max(self.limit, self.idle_limit) and self._close_lru_locked(newest=True):
                 pass
             self._open += 1
+            self.opened += 1
         try:
             return self._connect(dbname)
         except BaseException:
@@ -351,25 +422,34 @@ class TargetConnections:
             raise error from None
         return conn
 
-    def _close_lru_locked(self) -> bool:
-        for key, pool in self._idle.items():
-            if pool:
-                conn = pool.pop(0)
-                self._open -= 1
-                conn.close()
-                return True
+    def _close_lru_locked(self, newest: bool = False) -> bool:
+        """Close the idle connection of the least (``newest``: most) recently used database, the DSN's last."""
+        for key in [k for k, pool in self._idle.items() if not pool]:
             del self._idle[key]
-            return True
-        return False
+        keys = [k for k in self._idle if k != self.default_dbname] or list(self._idle)
+        if not keys:
+            return False
+        pool = self._idle[keys[-1] if newest else keys[0]]
+        conn = pool.pop(0)
+        if not pool:
+            del self._idle[keys[-1] if newest else keys[0]]
+        self._idle_count -= 1
+        self._open -= 1
+        conn.close()
+        return True
 
     def _give_back(self, dbname: str | None, conn: psycopg.Connection[Row]) -> None:
+        key = self._key(dbname)
         with self._lock:
             if self._closed:  # a run that finished after close(): its connection is not kept
                 self._open -= 1
                 conn.close()
                 return
-            self._idle.setdefault(dbname or "", []).append(conn)
-            self._idle.move_to_end(dbname or "")
+            self._idle.setdefault(key, []).append(conn)
+            self._idle.move_to_end(key)
+            self._idle_count += 1
+            while self._idle_count > self.idle_limit and self._close_lru_locked():
+                pass
 
     def _discard(self, conn: psycopg.Connection[Row]) -> None:
         with self._lock:
@@ -382,6 +462,7 @@ class TargetConnections:
         with self._lock:
             pools = list(self._idle.values())
             self._idle.clear()
+            self._idle_count = 0
             for pool in pools:
                 for conn in pool:
                     self._open -= 1

@@ -33,11 +33,17 @@ from exporter.db import (
     read_facts,
 )
 from exporter.exposition import label_text, render_rows
-from exporter.hooks import RunContext
+from exporter.hooks import Peer, RunContext
 from exporter.planner import Effective
 from exporter.snapshot import Snapshot
 
 log = logging.getLogger("pgvitals.engine")
+
+#: A collector of a shared pass reuses the pass another ran in the same database this recently (a share
+#: of its own interval: the tolerance its runs' start times have anyway).
+PASS_REUSE = 0.1
+#: Collector state key: when the collector last got its rows in a database (its own pass or a reused one).
+SERVED_AT = "served_at"
 
 
 class ErrorKey(NamedTuple):
@@ -88,6 +94,11 @@ class TargetRuntime:
     retired: bool = False
     _busy: int = field(default=0, repr=False, compare=False)
     _idle: threading.Condition = field(default_factory=threading.Condition, repr=False, compare=False)
+    # (shared pass, database) -> what the pass last read (RunContext.shared), and a lock per key so that
+    # collectors arriving together run the pass once.
+    passes: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    pass_locks: dict[tuple[str, str], threading.Lock] = field(default_factory=dict)
+    _pass_guard: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @contextmanager
     def working(self) -> Iterator[bool]:
@@ -112,6 +123,11 @@ class TargetRuntime:
             self.retired = True
             return self._idle.wait_for(lambda: self._busy == 0, wait)
 
+    def pass_lock(self, key: tuple[str, str]) -> threading.Lock:
+        """The lock of one shared pass in one database."""
+        with self._pass_guard:
+            return self.pass_locks.setdefault(key, threading.Lock())
+
     def denied(self, collector: Collector) -> frozenset[str]:
         """What ``collector`` needs and may not use here: refused at run time, or by the probe's privilege check."""
         checked = frozenset(self.facts.denied) & frozenset(collector.requires) if self.facts else frozenset()
@@ -127,6 +143,25 @@ class TargetRuntime:
             if any(fnmatch.fnmatchcase(db, p) for p in self.include)
             and not any(fnmatch.fnmatchcase(db, p) for p in self.exclude)
         ]
+
+
+def sweep_order(databases: list[str], connected: list[str], keep: str = "") -> list[str]:
+    """The databases in their order, rotated to start at the least recently used one still connected.
+
+    ``connected``: databases with an idle connection, least recently used first; ``keep`` (the DSN's
+    database, never closed first) does not choose the start. A sweep in a fixed order would miss every
+    time once the databases outnumber the idle connections (it closes the very connection it needs
+    next); starting where the previous sweep's connections begin, a sweep opens at most
+    ``len(databases) - len(connected)`` connections. And a sweep that starts while another is running
+    starts right behind it: with connection slots handed over in turn (FairSlots) the two then visit
+    each database one after the other over the same connection.
+    """
+    listed = set(databases)
+    start = next((db for db in connected if db in listed and db != keep), None)
+    if start is None:
+        return list(databases)
+    i = databases.index(start)
+    return databases[i:] + databases[:i]
 
 
 def _object_name(required: str) -> str:
@@ -147,9 +182,10 @@ def build_runtime(cfg: TargetConfig | PgBouncerConfig, settings: Settings) -> Ta
         pgbouncer=is_pgbouncer,
     )
     limit = 1 if is_pgbouncer else cfg.max_connections  # type: ignore[union-attr]
+    idle = 1 if is_pgbouncer else cfg.idle_connections  # type: ignore[union-attr]
     prefix = label_text([("target", cfg.name), *sorted(cfg.labels.items())])
     runtime = TargetRuntime(
-        name=cfg.name, is_pgbouncer=is_pgbouncer, conns=TargetConnections(options, limit), prefix=prefix,
+        name=cfg.name, is_pgbouncer=is_pgbouncer, conns=TargetConnections(options, limit, idle), prefix=prefix,
         dsn_text=dsn_display(cfg.dsn), server=_server_label(cfg.dsn), spec=cfg,
     )
     if isinstance(cfg, TargetConfig):
@@ -262,7 +298,10 @@ class Engine:
         was_up = runtime.up
         runtime.facts = facts
         self._recheck_denials(runtime)
-        self.snapshot.forget_databases(runtime.name, keep=runtime.databases())
+        kept = set(runtime.databases())
+        self.snapshot.forget_databases(runtime.name, keep=list(kept))
+        for key in [k for k in runtime.passes if k[1] and k[1] not in kept]:
+            del runtime.passes[key]
         runtime.last_errors.pop(PROBE, None)
         runtime.up = True
         runtime.failures = 0
@@ -320,7 +359,8 @@ class Engine:
             return
         started = time.monotonic()
         databases: list[str | None] = (
-            list(runtime.databases()) if collector.scope == "database" else [None]
+            list(sweep_order(runtime.databases(), runtime.conns.idle_databases(), runtime.conns.default_dbname))
+            if collector.scope == "database" else [None]
         )
         results: dict[str, dict[str, bytes]] = {}
         failed: list[tuple[str | None, CollectError]] = []
@@ -393,6 +433,43 @@ class Engine:
     ) -> tuple[dict[str, bytes], int, str | None]:
         """One guarded run in one database: (lines by metric, series, skip reason or None)."""
         collector = eff.collector
+        if collector.shared_pass is None:
+            return self._run_in_session(runtime, eff, dbname, {})
+        key = (collector.shared_pass, dbname or "")
+        with runtime.pass_lock(key):
+            shared = runtime.passes.setdefault(key, {})
+            at, sections = shared.get("at"), shared.get("sections", {})
+            state = runtime.state.setdefault((collector.name, dbname or ""), {})
+            served = state.get(SERVED_AT)
+            # Reuse only a pass another collector ran since this one last got its rows, and only a recent one.
+            if at is not None and (served is None or at > served) and collector.name in sections \
+                    and time.monotonic() - at <= PASS_REUSE * eff.interval:
+                state[SERVED_AT] = time.monotonic()
+                return self._render(runtime, collector, dbname, sections[collector.name])
+            try:
+                return self._run_in_session(runtime, eff, dbname, shared)
+            finally:
+                state[SERVED_AT] = time.monotonic()
+
+    def _peers(self, runtime: TargetRuntime, collector: Collector, dbname: str | None) -> dict[str, Peer]:
+        """The enabled collectors of ``collector``'s shared pass, with their parameters and state in ``dbname``."""
+        if collector.shared_pass is None:
+            return {}
+        peers = {}
+        now = time.monotonic()
+        for e in self.applicable(runtime):
+            if e.collector.shared_pass == collector.shared_pass:
+                state = runtime.state.setdefault((e.collector.name, dbname or ""), {})
+                # Due: its next run is expected within the reuse window (runs start up to 10 % late or early).
+                served = state.get(SERVED_AT)
+                due = served is None or now - served >= (1 - 2 * PASS_REUSE) * e.interval
+                peers[e.collector.name] = Peer(e.params, state, due)
+        return peers
+
+    def _run_in_session(
+        self, runtime: TargetRuntime, eff: Effective, dbname: str | None, shared: dict[str, Any]
+    ) -> tuple[dict[str, bytes], int, str | None]:
+        collector = eff.collector
         wait = max(eff.timeout, 1.0)
         with runtime.conns.session(dbname, wait=wait) as session, \
                 session.guarded(eff.timeout, self.settings.lock_timeout, writes=collector.writes):
@@ -404,6 +481,7 @@ class Engine:
             ctx = RunContext(
                 target=runtime.name, database=dbname, facts=runtime.facts, params=eff.params,
                 state=runtime.state.setdefault(key, {}), settings=self.settings, timeout=eff.timeout,
+                collector=collector.name, peers=self._peers(runtime, collector, dbname), shared=shared,
             )
             if collector.fetch is not None:
                 rows = collector.fetch(session, ctx, sql_text)
@@ -412,6 +490,11 @@ class Engine:
                 rows = session.query(sql_text, eff.params if collector.params else None)
         if collector.transform is not None:
             rows = collector.transform(rows, ctx)
+        return self._render(runtime, collector, dbname, rows)
+
+    def _render(
+        self, runtime: TargetRuntime, collector: Collector, dbname: str | None, rows: list[dict[str, Any]]
+    ) -> tuple[dict[str, bytes], int, str | None]:
         if dbname is not None:
             for row in rows:
                 row.setdefault("datname", dbname)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from psycopg import sql as pgsql
 
@@ -13,6 +14,15 @@ from exporter.db import CollectError, Row
 if TYPE_CHECKING:
     from exporter.config import Settings
     from exporter.db import Facts, Session
+
+
+class Peer(NamedTuple):
+    """A collector of the same shared pass, as enabled on this target: its parameters, its state here, and
+    whether it will run soon (a pass reads its section only then: it would reuse it)."""
+
+    params: Mapping[str, Any]
+    state: dict[str, Any]
+    due: bool = True
 
 
 @dataclass
@@ -26,6 +36,16 @@ class RunContext:
     state: dict[str, Any]
     settings: Settings
     timeout: float = 5.0
+    collector: str = ""
+    # For a collector with a shared pass: every collector of the pass enabled here (itself included), and
+    # where the pass leaves what it read for them (``shared_result``).
+    peers: Mapping[str, Peer] = field(default_factory=dict)
+    shared: dict[str, Any] = field(default_factory=dict)
+
+    def shared_result(self, sections: Mapping[str, Any]) -> None:
+        """Leave a shared pass's rows, by collector, for the other collectors of the pass to reuse."""
+        self.shared["sections"] = dict(sections)
+        self.shared["at"] = time.monotonic()
 
     def extension_schema(self, dbname: str, extension: str) -> pgsql.Identifier:
         """The schema ``extension`` is installed in, in ``dbname``, as an identifier to compose SQL with.
@@ -53,12 +73,13 @@ STICKINESS = STICKY_NUM / STICKY_DEN
 INCUMBENTS = "incumbents"
 
 
-def sticky_rank(key: str, size: str) -> str:
+def sticky_rank(key: str, size: str, incumbents: str = INCUMBENTS) -> str:
     """SQL: ``row_number()`` by ``size`` descending, rows whose ``key`` is in ``%(incumbents)s`` weighted up.
 
     Ties go to incumbents, then to the smaller key: the order is total, so the top is stable between runs.
+    ``incumbents`` names the SQL parameter (a query ranking for several collectors has one each).
     """
-    incumbent = f"{key}::bigint = ANY(%(incumbents)s::bigint[])"
+    incumbent = f"{key}::bigint = ANY(%({incumbents})s::bigint[])"
     return (f"pg_catalog.row_number() OVER (ORDER BY ({size}) * CASE WHEN {incumbent} THEN {STICKY_NUM} "
             f"ELSE {STICKY_DEN} END DESC, {incumbent} DESC, {key})")
 

@@ -78,6 +78,8 @@ BROKEN = [
     ("bad listen", f"listen: everywhere\ntargets: [{{name: a, dsn: '{GOOD_DSN}'}}]\n", ["listen: expected HOST:PORT"]),
     ("bad max_connections", f"targets: [{{name: a, dsn: '{GOOD_DSN}', max_connections: 0}}]\n",
      ["targets[0].max_connections: Input should be greater than or equal to 1"]),
+    ("bad idle_connections", f"targets: [{{name: a, dsn: '{GOOD_DSN}', idle_connections: 0}}]\n",
+     ["targets[0].idle_connections: Input should be greater than or equal to 1"]),
     ("bad label name", f"targets: [{{name: a, dsn: '{GOOD_DSN}', labels: {{'bad-label': x}}}}]\n",
      ["targets[0].labels: label name 'bad-label' is not a valid Prometheus label name"]),
     ("reserved label", f"targets: [{{name: a, dsn: '{GOOD_DSN}', labels: {{datname: x}}}}]\n",

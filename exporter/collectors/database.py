@@ -22,6 +22,8 @@ STAT_DATABASE = Collector(
     help="Per-database activity counters from pg_stat_database (the row for shared objects is left out).",
     interval=15.0,
     timeout=5.0,
+    # About 25 series per database: a server with 1,000 databases yields 25,000, above the default bound.
+    max_series=100_000,
     variants=(
         SqlVariant(
             min_version=120000, max_version=140000,

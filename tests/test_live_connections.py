@@ -1,0 +1,93 @@
+"""Connections per target: idle ones are reused per database, the count opened stays bounded by ``idle_connections``.
+
+Sessions are counted by the server itself (``pg_stat_database.sessions``, PostgreSQL 14+), after the
+exporter's sessions have ended so that every backend has flushed its statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from exporter.db import CollectError
+from exporter.localpg import wait_until
+from tests.support.exporters import Runner
+from tests.support.servers import Server, start_server
+
+pytestmark = [pytest.mark.live, pytest.mark.family("connections")]
+
+DATABASES = [f"fleet_{i:02d}" for i in range(30)]
+# Two per-database collectors: two sweeps over the 30 databases per round, as several collectors make.
+SWEEPERS = ["pg_table_wraparound", "pg_sequences"]
+ROUNDS = 3
+
+
+@pytest.fixture(scope="module")
+def many_databases() -> Iterator[Server]:
+    """A server of its own with 30 databases (session counters must see no other test's sessions)."""
+    server = start_server("manydbs")
+    if server.version_num < 140000:
+        server.cluster.destroy()
+        pytest.skip("pg_stat_database.sessions exists from PostgreSQL 14")
+    for name in DATABASES:
+        server.execute(f"CREATE DATABASE {name}")
+    yield server
+    server.cluster.destroy()
+
+
+def _sessions(server: Server) -> int:
+    """Sessions ever opened to the 30 databases, once no exporter session is left to flush its counters."""
+    wait_until(lambda: not server.execute(
+        "SELECT 1 FROM pg_stat_activity WHERE application_name = 'pgvitals'"), timeout=30)
+    rows = server.execute("SELECT coalesce(sum(sessions), 0)::bigint AS n FROM pg_stat_database "
+                          "WHERE datname LIKE 'fleet\\_%'")
+    return int(rows[0]["n"])
+
+
+def _sweep(server: Server, idle: int | None) -> tuple[int, int]:
+    """(sessions the server counted, most exporter sessions open at once) over ROUNDS rounds of both sweeps."""
+    before = _sessions(server)
+    target: dict[str, object] = {"name": "fleet", "dsn": server.dsn(), "databases": {"include": ["fleet_*"]}}
+    if idle is not None:
+        target["idle_connections"] = idle
+    most_open = 0
+    with Runner(server, only=SWEEPERS, targets=[target], strict=True) as runner:
+        for _ in range(ROUNDS):
+            metrics = runner.collect()
+            assert len(metrics.find("pg_database_oldest_table_xid_age", target="fleet")) == len(DATABASES)
+            rows = server.execute("SELECT count(*)::int AS n FROM pg_stat_activity WHERE application_name = 'pgvitals'")
+            most_open = max(most_open, int(rows[0]["n"]))
+    return _sessions(server) - before, most_open
+
+
+def test_idle_connections_bound_the_sessions_a_sweep_opens(many_databases: Server) -> None:
+    sweeps = ROUNDS * len(SWEEPERS)
+    # Default (idle = max_connections = 2: the DSN's database and one other): a sweep reuses the one
+    # database still connected and reconnects to the 29 others.
+    opened, most_open = _sweep(many_databases, None)
+    assert opened == len(DATABASES) + (sweeps - 1) * (len(DATABASES) - 1)
+    assert most_open <= 2
+    # A few idle connections: 5 kept (the DSN's database among them), so 4 fewer per sweep.
+    opened, most_open = _sweep(many_databases, 5)
+    assert opened == len(DATABASES) + (sweeps - 1) * (len(DATABASES) - 4)
+    assert most_open <= 5
+    # One per database plus the DSN's: each database is connected once, then only reused.
+    opened, most_open = _sweep(many_databases, len(DATABASES) + 1)
+    assert opened == len(DATABASES)
+    assert most_open <= len(DATABASES) + 1
+
+
+def test_a_sweep_leaves_one_connection_for_server_level_collectors(many_databases: Server) -> None:
+    target = {"name": "fleet", "dsn": many_databases.dsn(), "max_connections": 2, "idle_connections": 3}
+    with Runner(many_databases, only=[], targets=[target], strict=True) as runner:
+        runner.collect()
+        conns = runner.engine.targets["fleet"].conns
+        with conns.session(DATABASES[0]) as sweeping:
+            assert sweeping.query("SELECT current_database() AS d")[0]["d"] == DATABASES[0]
+            # A second database of the sweep must wait: the other slot is the server-level collectors'.
+            with pytest.raises(CollectError) as refused, conns.session(DATABASES[1], wait=0.2):
+                pass
+            assert refused.value.reason == "busy"
+            with conns.session(None, wait=5) as server_level:
+                assert server_level.query("SELECT current_database() AS d")[0]["d"] == "postgres"
