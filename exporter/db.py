@@ -318,8 +318,8 @@ class TargetConnections:
     At most ``limit`` are busy at once; at most ``idle`` are kept open between runs (beyond that the
     least recently used database's is closed, the DSN's database last), and never more than
     ``max(limit, idle)`` are open (to make room for a new one, the most recently used idle one is closed:
-    in a sweep's cycle it is the one needed last). Runs in databases other than the DSN's (per-database sweeps) may hold at most
-    ``limit - 1`` of the busy slots: one stays free for the server-level collectors.
+    in a sweep's cycle it is the one needed last). Runs in databases other than the DSN's (per-database
+    sweeps) may hold at most ``limit - 1`` of the busy slots: one stays free for the server-level collectors.
     """
 
     def __init__(self, options: ConnectOptions, limit: int, idle: int | None = None):
