@@ -46,6 +46,7 @@ from exporter.config import (
     _yaml_path,
 )
 from exporter.db import Session
+from exporter.exposition import label_value
 from exporter.hooks import RunContext
 
 log = logging.getLogger("pgvitals.custom")
@@ -92,17 +93,13 @@ def pe_value(value: Any) -> float | None:
 
 def pe_label(value: Any) -> str:
     """A column as postgres_exporter writes a label value: NULL is empty, times are Unix seconds."""
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
     if isinstance(value, datetime | date):
         return str(math.floor(_epoch(value)))
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     if isinstance(value, float):
         return go_float(value)
-    return str(value)
+    return label_value(value)
 
 
 def _epoch(value: datetime | date) -> float:

@@ -29,6 +29,7 @@ from tests.support.pgbouncer import PgBouncer, pgbouncer_available, start_pgboun
 from tests.support.prometheus import PROMETHEUS, Prometheus, collector_overrides, running_prometheus
 from tests.support.scrape import http_status, scrape
 from tests.support.servers import Server, settings_for, start_server
+from tests.support.sessions import run_in_background
 from tests.support.standby import Standby, start_standby
 
 pytestmark = [pytest.mark.live, pytest.mark.slow]
@@ -78,11 +79,7 @@ def stack() -> Iterator[Stack]:
         bouncer = start_pgbouncer(primary, pool_size=2)
         cleanup.callback(bouncer.stop)
 
-        stop = threading.Event()
-        worker = threading.Thread(target=_workload, args=(primary, stop), daemon=True)
-        worker.start()
-        cleanup.callback(worker.join, 10)
-        cleanup.callback(stop.set)
+        run_in_background(cleanup, lambda stop: _workload(primary, stop))
 
         settings = settings_for(
             [{"name": "primary", "dsn": primary.monitor_dsn}, {"name": "replica", "dsn": standby.monitor_dsn}],

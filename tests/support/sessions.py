@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 
 import psycopg
@@ -112,3 +112,12 @@ def run_in_session(pg: Server, dbname: str, *statements: str) -> None:
         conn.execute("SET max_parallel_workers_per_gather = 0")  # one process reads every block
         for sql in statements:
             conn.execute(sql.encode())
+
+
+def run_in_background(cleanup: ExitStack, work: Callable[[threading.Event], None]) -> None:
+    """Run ``work(stop)`` in a daemon thread until ``cleanup`` unwinds: then set ``stop`` and join it."""
+    stop = threading.Event()
+    worker = threading.Thread(target=work, args=(stop,), daemon=True)
+    worker.start()
+    cleanup.callback(worker.join, 10)
+    cleanup.callback(stop.set)
