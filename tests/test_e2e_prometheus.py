@@ -19,7 +19,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager, suppress
-from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -29,12 +28,12 @@ from exporter.alerts import render_rules
 from exporter.dashboards import build_dashboards
 from exporter.localpg import wait_until
 from tests.support.exporters import running_exporter
-from tests.support.pgbouncer import PgBouncer, pgbouncer_available, start_pgbouncer
-from tests.support.prometheus import PROMETHEUS, Prometheus, collector_overrides, running_prometheus
+from tests.support.pgbouncer import pgbouncer_available, start_pgbouncer
+from tests.support.prometheus import PROMETHEUS, Prometheus, Stack, collector_overrides, running_prometheus
 from tests.support.promql_check import expand_variables
 from tests.support.servers import Server, settings_for, start_server
 from tests.support.sessions import run_in_background
-from tests.support.standby import Standby, drop_slot, start_standby
+from tests.support.standby import drop_slot, start_standby
 
 pytestmark = [pytest.mark.live, pytest.mark.slow]
 
@@ -74,14 +73,6 @@ NOT_FILLED: dict[tuple[str, str], str] = {
 
 
 # -- the stack ----------------------------------------------------------------------------------------------------
-
-@dataclass
-class Stack:
-    primary: Server
-    standby: Standby
-    bouncer: PgBouncer
-    prometheus: Prometheus
-
 
 def _workload(primary: Server, stop: threading.Event) -> None:
     """A small application: index lookups and inserts, so that rates, ratios and statements have data."""

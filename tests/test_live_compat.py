@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -25,12 +24,12 @@ from exporter.compat import COMPAT
 from exporter.localpg import wait_until
 from tests.support.exporters import running_exporter
 from tests.support.mixin import MIXIN, mixin_rule_file
-from tests.support.pgbouncer import PgBouncer, pgbouncer_available, start_pgbouncer
-from tests.support.prometheus import PROMETHEUS, Prometheus, collector_overrides, running_prometheus
+from tests.support.pgbouncer import pgbouncer_available, start_pgbouncer
+from tests.support.prometheus import PROMETHEUS, Stack, collector_overrides, running_prometheus
 from tests.support.scrape import http_status, scrape
 from tests.support.servers import Server, settings_for, start_server
 from tests.support.sessions import run_in_background
-from tests.support.standby import Standby, start_standby
+from tests.support.standby import start_standby
 
 pytestmark = [pytest.mark.live, pytest.mark.slow]
 
@@ -39,14 +38,6 @@ RELABEL: list[dict[str, Any]] = [
     {"source_labels": ["target"], "regex": "(.+)", "target_label": "instance"},
     {"regex": "target", "action": "labeldrop"},
 ]
-
-
-@dataclass
-class Stack:
-    primary: Server
-    standby: Standby
-    bouncer: PgBouncer
-    prometheus: Prometheus
 
 
 def _workload(primary: Server, stop: threading.Event) -> None:

@@ -18,6 +18,9 @@ import yaml
 
 from exporter.catalog import load
 from exporter.localpg import free_port, wait_until
+from tests.support.pgbouncer import PgBouncer
+from tests.support.servers import Server
+from tests.support.standby import Standby
 
 PROMETHEUS = Path("/usr/bin/prometheus")
 SCRAPE_INTERVAL = 1.0
@@ -123,3 +126,13 @@ def collector_overrides() -> dict[str, dict[str, Any]]:
             override["min_size_bytes"] = 65536
         out[collector.name] = override
     return out
+
+
+@dataclass
+class Stack:
+    """A primary with a streaming standby and a PgBouncer in front, scraped by a real Prometheus."""
+
+    primary: Server
+    standby: Standby
+    bouncer: PgBouncer
+    prometheus: Prometheus
