@@ -28,8 +28,14 @@ from exporter.alerts import render_rules
 from exporter.dashboards import build_dashboards
 from exporter.localpg import wait_until
 from tests.support.exporters import running_exporter
-from tests.support.pgbouncer import pgbouncer_available, start_pgbouncer
-from tests.support.prometheus import PROMETHEUS, Prometheus, Stack, collector_overrides, running_prometheus
+from tests.support.pgbouncer import start_pgbouncer
+from tests.support.prometheus import (
+    Prometheus,
+    Stack,
+    collector_overrides,
+    require_stack_tools,
+    running_prometheus,
+)
 from tests.support.promql_check import expand_variables
 from tests.support.servers import Server, settings_for, start_server
 from tests.support.sessions import run_in_background
@@ -89,8 +95,7 @@ def _workload(primary: Server, stop: threading.Event) -> None:
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
-    if not PROMETHEUS.exists() or not pgbouncer_available():
-        pytest.skip("needs /usr/bin/prometheus and pgbouncer (scripts/setup installs them)")
+    require_stack_tools()
     with ExitStack() as cleanup:
         primary = start_server("e2e", settings={"archive_mode": "on", "archive_command": "'true'",
                                                 "autovacuum_naptime": "1"})

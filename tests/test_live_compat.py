@@ -24,8 +24,8 @@ from exporter.compat import COMPAT
 from exporter.localpg import wait_until
 from tests.support.exporters import running_exporter
 from tests.support.mixin import MIXIN, mixin_rule_file
-from tests.support.pgbouncer import pgbouncer_available, start_pgbouncer
-from tests.support.prometheus import PROMETHEUS, Stack, collector_overrides, running_prometheus
+from tests.support.pgbouncer import start_pgbouncer
+from tests.support.prometheus import Stack, collector_overrides, require_stack_tools, running_prometheus
 from tests.support.scrape import http_status, scrape
 from tests.support.servers import Server, settings_for, start_server
 from tests.support.sessions import run_in_background
@@ -55,8 +55,7 @@ def _workload(primary: Server, stop: threading.Event) -> None:
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
-    if not PROMETHEUS.exists() or not pgbouncer_available():
-        pytest.skip("needs /usr/bin/prometheus and pgbouncer (scripts/setup installs them)")
+    require_stack_tools()
     with ExitStack() as cleanup:
         primary = start_server("compat")
         cleanup.callback(primary.cluster.destroy)

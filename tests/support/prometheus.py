@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from exporter.catalog import load
 from exporter.localpg import free_port, wait_until
-from tests.support.pgbouncer import PgBouncer
+from tests.support.pgbouncer import PgBouncer, pgbouncer_available
 from tests.support.servers import Server
 from tests.support.standby import Standby
 
@@ -136,3 +137,9 @@ class Stack:
     standby: Standby
     bouncer: PgBouncer
     prometheus: Prometheus
+
+
+def require_stack_tools() -> None:
+    """Skip the calling test unless a real Prometheus and PgBouncer are installed (for a Stack)."""
+    if not PROMETHEUS.exists() or not pgbouncer_available():
+        pytest.skip("needs /usr/bin/prometheus and pgbouncer (scripts/setup installs them)")
