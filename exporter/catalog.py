@@ -126,6 +126,10 @@ class Collector:
     # Collectors naming the same pass read one database in one query (their shared variants and fetch
     # hook answer all of them); one that runs within 10 % of its interval after another's pass reuses it.
     shared_pass: str | None = None
+    # Per-database collectors whose rows exist only while something happens (a VACUUM running): SQL run
+    # first in the target's own database, naming (column ``datname``) the databases with something to
+    # report. Only those are visited; the others have no rows now and cost no connection.
+    visit_only: tuple[SqlVariant, ...] = ()
     # Where a user declared it ("" for a built-in): the config path, or the queries file and namespace.
     origin: str = ""
     # Metric names follow postgres_exporter's queries.yaml rule (namespace_column, counters without _total).
@@ -142,6 +146,10 @@ class Collector:
             if variant.covers(version):
                 return variant
         return None
+
+    def visit_only_for(self, version: int) -> SqlVariant | None:
+        """The ``visit_only`` SQL for ``version``, or None (visit every selected database)."""
+        return next((v for v in self.visit_only if v.covers(version)), None)
 
     def param_defaults(self) -> dict[str, Any]:
         """Parameter names mapped to their declared defaults."""
@@ -316,6 +324,10 @@ def validate(collectors: Sequence[Collector], self_metrics: Sequence[MetricSpec]
         if not collector.variants and collector.fetch is None:
             problems.append(f"{where}: needs SQL variants or a fetch hook")
         problems.extend(_overlaps(collector))
+        if collector.visit_only:
+            if collector.scope != "database":
+                problems.append(f"{where}: visit_only applies to per-database collectors only")
+            problems.extend(f"{where}: visit_only: {problem}" for problem in variant_problems(collector.visit_only))
         if collector.shared_pass is not None:
             # Whichever collector of the pass runs it answers for all: one query, one hook.
             if collector.fetch is None:

@@ -359,7 +359,8 @@ class Engine:
             return
         started = time.monotonic()
         databases: list[str | None] = (
-            list(sweep_order(runtime.databases(), runtime.conns.idle_databases(), runtime.conns.default_dbname))
+            list(self._worth_visiting(runtime, eff, sweep_order(
+                runtime.databases(), runtime.conns.idle_databases(), runtime.conns.default_dbname)))
             if collector.scope == "database" else [None]
         )
         results: dict[str, dict[str, bytes]] = {}
@@ -419,6 +420,25 @@ class Engine:
         down = next((e for _, e in failed if isinstance(e, TargetDown)), None)
         if down is not None:
             self._mark_down(runtime, down)
+
+    def _worth_visiting(self, runtime: TargetRuntime, eff: Effective, databases: list[str]) -> list[str]:
+        """``databases`` less those the collector's ``visit_only`` query finds nothing to report in.
+
+        When it cannot tell (the query failed), every database is visited: the sweep then reports what
+        is wrong, database by database.
+        """
+        variant = eff.collector.visit_only_for(runtime.facts.version_num) if runtime.facts else None
+        if variant is None:
+            return databases
+        try:
+            with runtime.conns.session(None, wait=max(eff.timeout, 1.0)) as session, \
+                    session.guarded(eff.timeout, self.settings.lock_timeout):
+                named = {row["datname"] for row in session.query(variant.sql)}
+        except Exception as exc:
+            log.debug("collector %s on %s: visit_only query failed (%s); visiting every database",
+                      eff.collector.name, runtime.name, classify(exc).reason)
+            return databases
+        return [db for db in databases if db in named]
 
     def _record_denied(self, runtime: TargetRuntime, collector: Collector, objects: frozenset[str],
                        detail: str = "") -> None:

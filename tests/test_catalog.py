@@ -48,6 +48,9 @@ def test_shipped_catalog_is_valid() -> None:
     ({"variants": ()}, "needs SQL variants"),
     ({"writes": True, "enabled": False}, "must be disabled by default and primary-only"),
     ({"writes": True, "role": "primary"}, "must be disabled by default and primary-only"),
+    ({"visit_only": (SqlVariant("SELECT 'x' AS datname"),)}, "visit_only applies to per-database collectors"),
+    ({"scope": "database", "visit_only": (SqlVariant("a", 120000, 150000), SqlVariant("b", 140000))},
+     "visit_only: variants .* overlap"),
 ])
 def test_rule_violations_are_rejected(overrides: dict[str, object], message: str) -> None:
     with pytest.raises(CatalogError, match=message):

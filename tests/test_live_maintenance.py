@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from exporter.localpg import wait_until
-from tests.support.exporters import collect_in
+from tests.support.exporters import collect_in, collect_once
 from tests.support.scrape import Metrics
-from tests.support.servers import Server, start_server
+from tests.support.servers import Server, fresh_database, start_server
 from tests.support.sessions import sessions
 from tests.support.tables import big_table
 
@@ -134,3 +134,23 @@ def test_idle_server_has_zero_workers_and_no_progress(pg: Server, fresh_db: str)
     metrics = collect_in(pg, fresh_db, [WORKERS, PROGRESS])
     assert metrics.value("pg_autovacuum_workers", state="wraparound") == 0
     assert not metrics.find("pg_stat_progress_vacuum_running", datname=fresh_db)
+
+
+def test_progress_visits_only_the_databases_where_a_command_runs(pg: Server, fresh_db: str) -> None:
+    """A database where nothing runs is not connected to: one that refuses every connection is never refused."""
+    big_table(pg, fresh_db)
+    with fresh_database(pg) as quiet, sessions(pg, fresh_db) as group:
+        pg.execute(f"ALTER DATABASE {quiet} CONNECTION LIMIT 0")  # the role still may connect: it stays selected
+        crawler = group.open("crawler")
+        crawler.autocommit = True
+        crawler.execute(CRAWL)
+        group.start("crawler", "VACUUM big")
+        wait_until(lambda: _progress(pg, "pg_stat_progress_vacuum", fresh_db) is not None, timeout=30)
+        target = {"name": "main", "dsn": pg.dsn(fresh_db), "databases": {"include": [fresh_db, quiet]}}
+        metrics = collect_once(pg, [PROGRESS, "pg_sequences"], targets=[target])
+    assert metrics.value("pgvitals_collector_success", collector=PROGRESS) == 1
+    assert metrics.find("pg_stat_progress_vacuum_running", datname=fresh_db, relname="big")
+    assert not metrics.find("pgvitals_collector_errors_total", collector=PROGRESS)
+    # The control: a collector that visits every selected database is refused by the quiet one.
+    assert metrics.value("pgvitals_database_unavailable", datname=quiet) == 1
+    assert metrics.find("pgvitals_collector_errors_total", collector="pg_sequences")

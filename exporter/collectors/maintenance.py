@@ -72,6 +72,17 @@ _PROGRESS_12 = _vacuum("p.num_dead_tuples") + "\nUNION ALL" + _CREATE_INDEX
 _PROGRESS_13 = _vacuum("p.num_dead_tuples") + "\nUNION ALL" + _ANALYZE + "\nUNION ALL" + _CREATE_INDEX
 _PROGRESS_17 = _vacuum("p.num_dead_item_ids") + "\nUNION ALL" + _ANALYZE + "\nUNION ALL" + _CREATE_INDEX
 
+# Which databases have a command running: the progress views list every database's backends (datid is shown
+# to every role), so one query here spares a connection to each database where nothing runs.
+_RUNNING_IN = "SELECT DISTINCT p.datname::text AS datname FROM ({}) p WHERE p.datname IS NOT NULL"
+_VIEWS_12 = ("pg_stat_progress_vacuum", "pg_stat_progress_create_index")
+_VIEWS_13 = ("pg_stat_progress_vacuum", "pg_stat_progress_analyze", "pg_stat_progress_create_index")
+
+
+def _running_in(views: tuple[str, ...]) -> str:
+    return _RUNNING_IN.format(" UNION ALL ".join(f"SELECT datname FROM pg_catalog.{view}" for view in views))
+
+
 TABLE = ("datname", "schemaname", "relname", "phase", "kind")
 INDEX = ("datname", "schemaname", "relname", "indexrelname", "phase", "kind")
 _WHILE = " Present only while one runs."
@@ -88,6 +99,10 @@ PROGRESS = Collector(
         SqlVariant(min_version=120000, max_version=130000, sql=_PROGRESS_12),
         SqlVariant(min_version=130000, max_version=170000, sql=_PROGRESS_13),
         SqlVariant(min_version=170000, sql=_PROGRESS_17),
+    ),
+    visit_only=(
+        SqlVariant(min_version=120000, max_version=130000, sql=_running_in(_VIEWS_12)),
+        SqlVariant(min_version=130000, sql=_running_in(_VIEWS_13)),
     ),
     metrics=(
         gauge("pg_stat_progress_vacuum_running",
@@ -132,7 +147,8 @@ PROGRESS = Collector(
         gauge("pg_stat_progress_create_index_seconds", "How long the command's transaction has been running."
               + _WHILE, "create_index_seconds", INDEX, unit="seconds"),
     ),
-    notes="Only commands in the databases the target visits are seen (each runs in one database). The commands "
+    notes="Only commands in the databases the target visits are seen (each runs in one database); a database "
+          "where none runs is not connected to (one query in the target's own database finds them). The commands "
           "come and go: their series exist only while they run, so alert on the autovacuum worker count or on "
           "durations, not on absence.",
 )
