@@ -107,18 +107,15 @@ ConstLabels = Annotated[dict[str, str], AfterValidator(_check_labels)]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]+$", max_length=120)]
 
 
-class Endpoint(_Strict):
-    """What targets and PgBouncers share: a name, a connection string, where its password is, constant labels."""
+class PasswordSourceConfig(_Strict):
+    """Where a login's password comes from: a file, an environment variable or a command (or libpq's passfile)."""
 
-    name: Name
-    dsn: Dsn
     password_file: Path | None = None  # read at each new connection: a rotated file needs no restart
     password_env: str | None = None
     # argv (no shell) whose stdout is the password or token (RDS IAM, Entra ID, GCP), kept for the TTL.
     password_command: list[str] | None = Field(default=None, min_length=1)
     password_command_ttl: Duration = 600.0
     password_command_timeout: Duration = 10.0
-    labels: ConstLabels = Field(default_factory=dict)
 
     @field_validator("password_command", mode="before")
     @classmethod
@@ -127,6 +124,14 @@ class Endpoint(_Strict):
             raise ValueError("expected a list of arguments such as [aws, rds, generate-db-auth-token, ...] "
                              "(no shell runs it)")
         return value
+
+
+class Endpoint(PasswordSourceConfig):
+    """What targets and PgBouncers share: a name, a connection string, where its password is, constant labels."""
+
+    name: Name
+    dsn: Dsn
+    labels: ConstLabels = Field(default_factory=dict)
 
 
 class TargetConfig(Endpoint):
@@ -565,12 +570,14 @@ AUTH_MODULE_OWN_KEYWORDS = frozenset({"host", "hostaddr", "port", "dbname", "use
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 
-class AuthModule(_Strict):
-    """How to log in to a server Prometheus names in ``/probe?target=HOST:PORT/DB&auth_module=NAME``."""
+class AuthModule(PasswordSourceConfig):
+    """How to log in to a server Prometheus names in ``/probe?target=HOST:PORT/DB&auth_module=NAME``.
+
+    ``password_command`` arguments may hold ``{host}``, ``{port}``, ``{dbname}`` and ``{user}``: a token such
+    as RDS IAM's is made for one server, so each probed target runs the command with its own address.
+    """
 
     user: str = Field(min_length=1)
-    password_file: Path | None = None
-    password_env: str | None = None
     sslmode: str = "prefer"
     options: dict[str, str] = Field(default_factory=dict)  # more libpq keywords (sslrootcert, options, ...)
     # Shell globs of the HOST:PORT/DB a probe may name (the credentials go to whatever host is named).
@@ -591,7 +598,7 @@ class AuthModule(_Strict):
         for key in value:
             if key in AUTH_MODULE_OWN_KEYWORDS:
                 raise ValueError(f"{key!r} is not an option here: the probed target gives host, port and dbname, "
-                                 "the auth module user, password_file/password_env and sslmode")
+                                 "the auth module user, password source and sslmode")
         try:
             conninfo_to_dict(make_conninfo(**value))  # libpq rejects an unknown keyword
         except Exception:

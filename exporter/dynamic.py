@@ -53,11 +53,26 @@ def target_config(address: Address, module: AuthModule) -> TargetConfig:
     """The target as if configured: the address, the auth module's login, options and labels."""
     dsn = make_conninfo(host=address.host.strip("[]"), port=str(address.port), dbname=address.dbname,
                         user=module.user, sslmode=module.sslmode, **module.options)
+    # RDS IAM and its kind make a token for one host, port and user: the command is told which.
+    fields = {"host": address.host.strip("[]"), "port": str(address.port), "dbname": address.dbname,
+              "user": module.user}
+    command = None
+    if module.password_command is not None:
+        command = [_fill(arg, fields) for arg in module.password_command]
     # Built, not validated: the name holds a '/' that configured names may not have, so the two never collide.
     return TargetConfig.model_construct(
         name=address.name, dsn=dsn, password_file=module.password_file, password_env=module.password_env,
+        password_command=command, password_command_ttl=module.password_command_ttl,
+        password_command_timeout=module.password_command_timeout,
         labels=dict(module.labels), databases=DatabaseFilter(), max_connections=module.max_connections,
     )
+
+
+def _fill(arg: str, fields: dict[str, str]) -> str:
+    """``arg`` with ``{host}``, ``{port}``, ``{dbname}`` and ``{user}`` replaced (other braces left as they are)."""
+    for key, value in fields.items():
+        arg = arg.replace("{" + key + "}", value)
+    return arg
 
 
 @dataclass

@@ -37,6 +37,17 @@ def test_a_target_is_built_from_the_address_and_the_auth_module() -> None:
     assert "password" not in cfg.dsn
 
 
+def test_a_password_command_gets_the_probed_address() -> None:
+    module = AuthModule(user="mon", password_command=["aws", "rds", "generate-db-auth-token", "--hostname", "{host}",
+                                                      "--port", "{port}", "--username", "{user}", "{region}"],
+                        password_command_ttl=300)
+    cfg = target_config(parse_target("db1.example.org:5433/app"), module)
+    assert cfg.password_command == ["aws", "rds", "generate-db-auth-token", "--hostname", "db1.example.org",
+                                    "--port", "5433", "--username", "mon", "{region}"]
+    assert cfg.password_command_ttl == 300 and cfg.password_file is None
+    assert module.password_command is not None and module.password_command[4] == "{host}"  # the module unchanged
+
+
 def test_allowed_targets_limit_where_the_credentials_go() -> None:
     module = AuthModule(user="mon", allowed_targets=["*.db.internal:*/*", "10.0.0.?:5432/*"])
     assert allowed(parse_target("a.db.internal/app"), module)
@@ -77,6 +88,13 @@ def test_auth_modules_alone_make_a_configuration_and_bad_ones_name_their_path() 
     assert any(p.startswith("auth_modules.mon.options: 'host' is not an option here") for p in problems), problems
     assert any(p.startswith("auth_modules.mon.password_env: environment variable PW is not set") for p in problems)
     assert any(p.startswith("max_dynamic_targets: Input should be greater than or equal to 0") for p in problems)
+    with pytest.raises(ConfigError) as error:
+        load_settings(raw={"auth_modules": {"mon": {"user": "pgvitals", "password_env": "PW",
+                                                    "password_command": "aws rds generate-db-auth-token"}}},
+                      environ={"PW": "x"})
+    assert any(p.startswith("auth_modules.mon.password_command: expected a list of arguments")
+               for p in error.value.problems), error.value.problems
+    assert "auth_modules.mon.password_command: give either password_command or password_env" in error.value.problems
     with pytest.raises(ConfigError) as error:
         load_settings(raw={}, environ={})
     assert error.value.problems == ["targets: at least one target (or pgbouncer, or auth module for /probe) is needed"]

@@ -178,6 +178,24 @@ def test_dynamic_probe_errors(pg: Server, tmp_path: Path) -> None:
         assert MONITOR_PASSWORD not in body
 
 
+def test_an_auth_modules_password_command_is_told_which_server(pg: Server, tmp_path: Path) -> None:
+    """A per-server token (RDS IAM's kind): the command gets the probed host and port, each target its own."""
+    (tmp_path / f"token-127.0.0.1-{pg.cluster.port}").write_text(MONITOR_PASSWORD + "\n", encoding="utf-8")
+    module = {"user": MONITOR_ROLE, "sslmode": "disable",
+              "password_command": ["cat", str(tmp_path / "token-{host}-{port}")]}
+    settings = load_settings(raw=dynamic_settings(pg, tmp_path, auth_modules={"monitor": module}), environ={})
+    with running_exporter(settings) as daemon:
+        port = daemon.server.port
+        known = f"127.0.0.1:{pg.cluster.port}/postgres"
+        status, body = probe(port, known)
+        assert status == 200 and Metrics(body).value("pg_up", target=known) == 1, body
+        # The same server by another name has no token of its own: the command fails, the target is down.
+        other = f"localhost:{pg.cluster.port}/postgres"
+        status, body = probe(port, other)
+        assert status == 200 and Metrics(body).value("pg_up", target=other) == 0, body
+        assert MONITOR_PASSWORD not in body
+
+
 def test_only_a_few_first_probes_wait_for_their_connection_attempt(pg: Server, tmp_path: Path) -> None:
     """Many servers discovered at once, none answering: the HTTP workers are not all held by waiting probes."""
     with socket.create_server(("127.0.0.1", 0), backlog=64) as silent:  # accepts TCP, never says a word
