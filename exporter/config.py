@@ -635,7 +635,7 @@ class Settings(_Strict):
     # is left alone before one more try; privilege checks themselves run at every probe at no cost.
     denial_recheck_interval: Duration = 3600.0
     application_name: str = Field(default="pgvitals", max_length=63)
-    workers: int = Field(default=0, ge=0, le=256)  # 0: sized from the number of targets
+    workers: int = Field(default=0, ge=0, le=256)  # threads per scheduler pool at most; 0: 64
     log: LogConfig = Field(default_factory=LogConfig)
     web_config_file: Path | None = None  # exporter-toolkit web config: TLS, basic auth (exporter/webconfig.py)
     shard: ShardConfig | None = None  # None: this process polls every configured target

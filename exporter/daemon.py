@@ -17,7 +17,7 @@ from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers import SchedulerNotRunningError
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from exporter import __version__, planner, shards
+from exporter import __version__, shards
 from exporter import dynamic as dynamic_targets
 from exporter.catalog import Catalog
 from exporter.config import ConfigError, PgBouncerConfig, Settings, TargetConfig
@@ -33,6 +33,7 @@ log = logging.getLogger("pgvitals.daemon")
 
 #: The executor of per-database collectors (see Daemon.__init__).
 SWEEPS = "sweeps"
+DEFAULT_WORKERS = 64  # threads per scheduler pool at most (server-level runs; per-database sweeps)
 
 #: First /probe requests of new targets that may wait for the connection attempt at the same time (the HTTP
 #: server has 4 workers: at least 2 stay free for /metrics and the probes of known targets).
@@ -66,18 +67,14 @@ class Daemon:
         self._catalog_from_settings = catalog is None  # a reload builds it again from the new settings
         self.snapshot = Snapshot(self.catalog, __version__)
         self.engine = Engine(self.catalog, settings, self.snapshot)
-        # Room for the targets /probe may register, when an auth module lets it.
-        dynamic = settings.max_dynamic_targets if settings.auth_modules else 0
-        workers = settings.workers or min(64, 4 + 2 * (len(self.engine.targets) + dynamic))
-        # Per-database collectors hold a worker for a whole sweep (minutes over 1,000 databases): they get
-        # workers of their own, so that server-level collectors never wait behind them.
-        per_database = sum(1 for eff in planner.applicable(self.engine.collectors.values(), False)
-                           if eff.collector.scope == "database")
-        servers = sum(1 for runtime in self.engine.targets.values() if not runtime.is_pgbouncer) + dynamic
-        sweepers = per_database * servers
+        # A pool starts a thread only when a run finds none idle, so a generous cap costs nothing until runs
+        # overlap, and targets added later (reload, /probe) are not held to a size chosen at start.
+        workers = settings.workers or DEFAULT_WORKERS
         self.scheduler = BackgroundScheduler(
+            # Per-database collectors hold a worker for a whole sweep (minutes over 1,000 databases): they get
+            # workers of their own, so that server-level collectors never wait behind them.
             executors={"default": ThreadPoolExecutor(max_workers=workers),
-                       SWEEPS: ThreadPoolExecutor(max_workers=min(64, max(1, sweepers)))},
+                       SWEEPS: ThreadPoolExecutor(max_workers=workers)},
             job_defaults={"coalesce": True, "max_instances": 1},
             timezone="UTC",
         )
