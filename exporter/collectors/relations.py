@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 from exporter.catalog import Rows, SqlVariant
 from exporter.db import CollectError
-from exporter.hooks import INCUMBENTS, sticky_rank
+from exporter.hooks import INCUMBENTS, sticky_order
 
 if TYPE_CHECKING:
     from exporter.db import Session
@@ -73,71 +73,85 @@ def pass_sql(ins_since_vacuum: bool, with_partitioned: bool, vacuum_times: bool)
         *[f"{_sum(f'pg_catalog.pg_stat_get_{name}_count(relid)', 'NOT top')} AS {name}_count" for name in counts],
         *[f"{_sum_or_null(times[name].format('relid'), 'NOT top')} AS total_{name}_time" for name in counts],
     ])
-    statio_columns = [
-        ("heap_blks_read", _FETCHED_MINUS_HIT.format("relid")), ("heap_blks_hit", _HIT.format("relid")),
-        ("idx_blks_read", "idx_blks_read"), ("idx_blks_hit", "idx_blks_hit"),
-        ("toast_blks_read", _FETCHED_MINUS_HIT.format("toastid")), ("toast_blks_hit", _HIT.format("toastid")),
-        ("tidx_blks_read", "tidx_blks_read"), ("tidx_blks_hit", "tidx_blks_hit"),
+    heap_toast = [
+        ("heap_blks_read", _FETCHED_MINUS_HIT.format("s.relid")), ("heap_blks_hit", _HIT.format("s.relid")),
+        ("toast_blks_read", _FETCHED_MINUS_HIT.format("s.toastid")), ("toast_blks_hit", _HIT.format("s.toastid")),
     ]
-    statio_top = ", ".join(f"{expr} AS {name}" for name, expr in statio_columns)
-    statio_other = ", ".join(f"{_sum(expr)} AS {name}" for name, expr in statio_columns)
+    heap_toast_top = {name: expr for name, expr in heap_toast}
+    heap_toast_other = {name: _sum(expr) for name, expr in heap_toast}
+    index_sums = {"idx_blks_read": "i.idx_blks_read", "idx_blks_hit": "i.idx_blks_hit",
+                  "tidx_blks_read": "i.tidx_blks_read", "tidx_blks_hit": "i.tidx_blks_hit"}
+    order = ("heap_blks_read", "heap_blks_hit", "idx_blks_read", "idx_blks_hit",
+             "toast_blks_read", "toast_blks_hit", "tidx_blks_read", "tidx_blks_hit")
+    statio_top = ", ".join(f"{heap_toast_top.get(name) or index_sums[name]} AS {name}" for name in order)
+    statio_other = ", ".join(
+        name if name in heap_toast_other else f"COALESCE({index_sums[name]}, 0)::bigint" for name in order)
+    heap_toast_sums = ", ".join(f"{expr} AS {name}" for name, expr in heap_toast_other.items())
+    user_tables = f"r.user_table AND r.relkind IN {stat_kinds}"
+    statio_tables = "r.user_table AND r.relkind IN ('r', 'm')"
+    churn = "pg_catalog.pg_stat_get_tuples_updated(r.relid) + pg_catalog.pg_stat_get_tuples_deleted(r.relid)"
     return f"""
-WITH idx AS MATERIALIZED (
-  -- Index statistics are looked up only when a section needs them (their pages rank tables anyway).
-  SELECT x.indexrelid, x.indrelid, ic.relpages::bigint AS pages,
-         CASE WHEN %(st_on)s OR %(si_on)s THEN {_FETCHED_MINUS_HIT.format("x.indexrelid")} END AS blks_read,
-         CASE WHEN %(st_on)s OR %(si_on)s THEN {_HIT.format("x.indexrelid")} END AS blks_hit
-  FROM pg_catalog.pg_index x JOIN pg_catalog.pg_class ic ON ic.oid = x.indexrelid
-), per_table AS (
-  SELECT indrelid, sum(pages)::bigint AS pages, sum(blks_read)::bigint AS blks_read,
-         sum(blks_hit)::bigint AS blks_hit
-  FROM idx GROUP BY indrelid
-), ns AS MATERIALIZED (
+WITH ns AS MATERIALIZED (
   -- user_table: in a schema the pg_stat*_user_* views keep (tested once per schema, not per relation).
   SELECT n.oid, n.nspname::text AS nspname,
          n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname !~ '^pg_toast' AS user_schema
   FROM pg_catalog.pg_namespace n
-), toast AS (
-  SELECT t.oid, t.relpages, t.relfrozenxid, t.relminmxid FROM pg_catalog.pg_class t WHERE t.relkind = 't'
+), idx AS MATERIALIZED (
+  -- Every index with its table (or TOAST table) and size. Statistics are read only where they are summed
+  -- or exported: each is one lookup, and grouping them per table cost more than the lookups.
+  SELECT x.indexrelid, x.indrelid, ic.relpages AS pages
+  FROM pg_catalog.pg_index x JOIN pg_catalog.pg_class ic ON ic.oid = x.indexrelid
 ), rel AS MATERIALIZED (
-  -- Tables, materialized views (and partitioned tables) with their TOAST table and indexes folded in.
-  SELECT c.oid AS relid, n.nspname AS schemaname, c.relname::text AS relname, c.relkind, n.user_schema AS user_table,
+  -- Tables, materialized views (and partitioned tables) with the size of their TOAST table and indexes.
+  SELECT c.oid AS relid, n.nspname AS schemaname, c.relname, c.relkind, n.user_schema AS user_table,
          c.relpages::bigint + COALESCE(t.relpages, 0) + COALESCE(i.pages, 0) AS pages,
          NULLIF(c.reltoastrelid, 0) AS toastid, c.relfrozenxid,
          GREATEST(pg_catalog.age(c.relfrozenxid), pg_catalog.age(t.relfrozenxid)) AS xid_age,
-         GREATEST(pg_catalog.mxid_age(c.relminmxid), pg_catalog.mxid_age(t.relminmxid)) AS mxid_age,
-         i.blks_read AS idx_blks_read, i.blks_hit AS idx_blks_hit,
-         ti.blks_read AS tidx_blks_read, ti.blks_hit AS tidx_blks_hit
+         GREATEST(pg_catalog.mxid_age(c.relminmxid), pg_catalog.mxid_age(t.relminmxid)) AS mxid_age
   FROM pg_catalog.pg_class c
   JOIN ns n ON n.oid = c.relnamespace
-  LEFT JOIN toast t ON t.oid = c.reltoastrelid
-  LEFT JOIN per_table i ON i.indrelid = c.oid
-  LEFT JOIN per_table ti ON ti.indrelid = c.reltoastrelid
+  LEFT JOIN (SELECT t.oid, t.relpages, t.relfrozenxid, t.relminmxid FROM pg_catalog.pg_class t WHERE t.relkind = 't') t
+    ON t.oid = c.reltoastrelid
+  LEFT JOIN (SELECT indrelid, sum(pages) AS pages FROM idx GROUP BY indrelid) i ON i.indrelid = c.oid
   WHERE c.relkind IN ('r', 'm', 'p')
 ), ut AS MATERIALIZED (
-  SELECT r.relid, r.schemaname, r.relname,
-         {sticky_rank("r.relid", "r.pages", "ut_incumbents")} <= %(ut_top_n)s
-         OR {sticky_rank("r.relid", "pg_catalog.pg_stat_get_tuples_updated(r.relid) + "
-                         "pg_catalog.pg_stat_get_tuples_deleted(r.relid)", "ut_incumbents")}
-            <= %(ut_top_n_churn)s AS top
-  FROM rel r WHERE %(ut_on)s AND r.user_table AND r.relkind IN {stat_kinds}
+  -- Top N by size and by churn: ORDER BY ... LIMIT keeps N rows in a heap instead of sorting them all.
+  SELECT r.relid, r.schemaname, r.relname, r.relid IN (
+           (SELECT r.relid FROM rel r WHERE {user_tables}
+            ORDER BY {sticky_order("r.relid", "r.pages", "ut_incumbents")} LIMIT %(ut_top_n)s)
+           UNION ALL
+           (SELECT r.relid FROM rel r WHERE {user_tables}
+            ORDER BY {sticky_order("r.relid", churn, "ut_incumbents")} LIMIT %(ut_top_n_churn)s)) AS top
+  FROM rel r WHERE %(ut_on)s AND {user_tables}
 ), st AS MATERIALIZED (
-  SELECT r.*, {sticky_rank("r.relid", "r.pages", "st_incumbents")} AS rank
-  FROM rel r WHERE %(st_on)s AND r.user_table AND r.relkind IN ('r', 'm')
+  SELECT r.relid, r.schemaname, r.relname, r.toastid, r.relid IN (
+           SELECT r.relid FROM rel r WHERE {statio_tables}
+           ORDER BY {sticky_order("r.relid", "r.pages", "st_incumbents")} LIMIT %(st_top_n)s) AS top
+  FROM rel r WHERE %(st_on)s AND {statio_tables}
+), st_idx AS (
+  -- Index and TOAST index counters, per exported table and (relid NULL) over the rest: a few groups.
+  SELECT CASE WHEN s.top THEN s.relid END AS relid,
+         sum({_FETCHED_MINUS_HIT.format("x.indexrelid")}) FILTER (WHERE NOT k.toast) AS idx_blks_read,
+         sum({_HIT.format("x.indexrelid")}) FILTER (WHERE NOT k.toast) AS idx_blks_hit,
+         sum({_FETCHED_MINUS_HIT.format("x.indexrelid")}) FILTER (WHERE k.toast) AS tidx_blks_read,
+         sum({_HIT.format("x.indexrelid")}) FILTER (WHERE k.toast) AS tidx_blks_hit
+  FROM st s
+  CROSS JOIN LATERAL (VALUES (s.relid, false), (s.toastid, true)) k(indrelid, toast)
+  JOIN idx x ON x.indrelid = k.indrelid
+  GROUP BY 1
 ), si AS MATERIALIZED (
-  SELECT x.indexrelid, r.schemaname, r.relname, x.blks_read, x.blks_hit,
-         {sticky_rank("x.indexrelid", "x.pages", "si_incumbents")} AS rank
+  SELECT x.indexrelid, r.schemaname, r.relname, x.indexrelid IN (
+           SELECT x.indexrelid FROM idx x JOIN rel r ON r.relid = x.indrelid WHERE {statio_tables}
+           ORDER BY {sticky_order("x.indexrelid", "x.pages::bigint", "si_incumbents")} LIMIT %(si_top_n)s) AS top
   FROM idx x JOIN rel r ON r.relid = x.indrelid
-  WHERE %(si_on)s AND r.user_table AND r.relkind IN ('r', 'm')
-), wa AS MATERIALIZED (
+  WHERE %(si_on)s AND {statio_tables}
+), wa AS (
   -- Every schema: system catalogs and other sessions' temporary tables need freezing too.
-  SELECT r.schemaname, r.relname, r.xid_age, r.mxid_age,
-         pg_catalog.row_number() OVER (ORDER BY r.xid_age DESC, r.relid) AS xid_rank,
-         pg_catalog.row_number() OVER (ORDER BY r.mxid_age DESC, r.relid) AS mxid_rank
+  SELECT r.relid, r.schemaname, r.relname, r.xid_age, r.mxid_age
   FROM rel r WHERE %(wa_on)s AND r.relkind IN ('r', 'm') AND r.relfrozenxid <> '0'::xid
 )
 SELECT '{STAT_TABLES}' AS section, (SELECT pg_catalog.json_agg(s) FROM (
-  SELECT relid::bigint AS relid, schemaname, relname,
+  SELECT relid::bigint AS relid, schemaname, relname::text AS relname,
          {top_columns}
   FROM ut WHERE top
   UNION ALL
@@ -146,22 +160,27 @@ SELECT '{STAT_TABLES}' AS section, (SELECT pg_catalog.json_agg(s) FROM (
   FROM ut WHERE %(ut_on)s) s) AS rows
 UNION ALL
 SELECT '{STATIO_TABLES}', (SELECT pg_catalog.json_agg(s) FROM (
-  SELECT relid::bigint AS relid, schemaname, relname, {statio_top} FROM st WHERE rank <= %(st_top_n)s
+  SELECT s.relid::bigint AS relid, s.schemaname, s.relname::text AS relname, {statio_top}
+  FROM st s LEFT JOIN st_idx i ON i.relid = s.relid WHERE s.top
   UNION ALL
-  SELECT NULL, '', 'other', {statio_other} FROM st WHERE %(st_on)s AND rank > %(st_top_n)s) s)
+  SELECT NULL, '', 'other', {statio_other}
+  FROM (SELECT {heap_toast_sums} FROM st s WHERE %(st_on)s AND NOT s.top) h
+  LEFT JOIN st_idx i ON i.relid IS NULL) s)
 UNION ALL
 SELECT '{STATIO_INDEXES}', (SELECT pg_catalog.json_agg(s) FROM (
-  SELECT si.indexrelid::bigint AS relid, si.schemaname, si.relname, ic.relname::text AS indexrelname,
-         si.blks_read AS idx_blks_read, si.blks_hit AS idx_blks_hit
-  FROM si JOIN pg_catalog.pg_class ic ON ic.oid = si.indexrelid WHERE si.rank <= %(si_top_n)s
+  SELECT si.indexrelid::bigint AS relid, si.schemaname, si.relname::text AS relname,
+         (SELECT ic.relname::text FROM pg_catalog.pg_class ic WHERE ic.oid = si.indexrelid) AS indexrelname,
+         {_FETCHED_MINUS_HIT.format("si.indexrelid")} AS idx_blks_read, {_HIT.format("si.indexrelid")} AS idx_blks_hit
+  FROM si WHERE top
   UNION ALL
-  SELECT NULL, '', 'other', 'other', {_sum("blks_read")}, {_sum("blks_hit")}
-  FROM si WHERE %(si_on)s AND rank > %(si_top_n)s) s)
+  SELECT NULL, '', 'other', 'other', {_sum(_FETCHED_MINUS_HIT.format("indexrelid"))}, {_sum(_HIT.format("indexrelid"))}
+  FROM si WHERE %(si_on)s AND NOT top) s)
 UNION ALL
 SELECT '{WRAPAROUND}', (SELECT pg_catalog.json_agg(s) FROM (
-  SELECT schemaname, relname, xid_age AS table_xid_age, mxid_age AS table_mxid_age,
+  SELECT schemaname, relname::text AS relname, xid_age AS table_xid_age, mxid_age AS table_mxid_age,
          NULL::int AS oldest_xid_age, NULL::int AS oldest_mxid_age
-  FROM wa WHERE xid_rank <= %(wa_top_n)s OR mxid_rank <= %(wa_top_n)s
+  FROM wa WHERE relid IN ((SELECT relid FROM wa ORDER BY xid_age DESC, relid LIMIT %(wa_top_n)s)
+                          UNION ALL (SELECT relid FROM wa ORDER BY mxid_age DESC, relid LIMIT %(wa_top_n)s))
   UNION ALL
   SELECT NULL, NULL, NULL, NULL, max(xid_age), max(mxid_age) FROM wa WHERE %(wa_on)s) s)"""
 
