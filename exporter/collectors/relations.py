@@ -45,6 +45,11 @@ def _sum_or_null(expr: str, where: str) -> str:
     return f"COALESCE(sum({expr}) FILTER (WHERE {where}), 0 * max({expr}))"
 
 
+def _sum_or_null_plain(expr: str) -> str:
+    """``sum(expr)::bigint``: NULL over no row (a table without indexes has no index counters)."""
+    return f"sum({expr})::bigint"
+
+
 def pass_sql(ins_since_vacuum: bool, with_partitioned: bool, vacuum_times: bool) -> str:
     """The one query: a JSON array of rows per section, each as its collector exported it before."""
     ins = "pg_catalog.pg_stat_get_ins_since_vacuum({0})" if ins_since_vacuum else "NULL::bigint"
@@ -77,32 +82,32 @@ def pass_sql(ins_since_vacuum: bool, with_partitioned: bool, vacuum_times: bool)
         ("heap_blks_read", _FETCHED_MINUS_HIT.format("s.relid")), ("heap_blks_hit", _HIT.format("s.relid")),
         ("toast_blks_read", _FETCHED_MINUS_HIT.format("s.toastid")), ("toast_blks_hit", _HIT.format("s.toastid")),
     ]
-    heap_toast_top = {name: expr for name, expr in heap_toast}
-    heap_toast_other = {name: _sum(expr) for name, expr in heap_toast}
-    index_sums = {"idx_blks_read": "i.idx_blks_read", "idx_blks_hit": "i.idx_blks_hit",
-                  "tidx_blks_read": "i.tidx_blks_read", "tidx_blks_hit": "i.tidx_blks_hit"}
+    heap_toast_sums = ", ".join(f"{_sum(expr)} AS {name}" for name, expr in heap_toast)
+    index_sums = f"{_sum(_FETCHED_MINUS_HIT.format('x.indexrelid'))}, {_sum(_HIT.format('x.indexrelid'))}"
     order = ("heap_blks_read", "heap_blks_hit", "idx_blks_read", "idx_blks_hit",
              "toast_blks_read", "toast_blks_hit", "tidx_blks_read", "tidx_blks_hit")
-    statio_top = ", ".join(f"{heap_toast_top.get(name) or index_sums[name]} AS {name}" for name in order)
-    statio_other = ", ".join(
-        name if name in heap_toast_other else f"COALESCE({index_sums[name]}, 0)::bigint" for name in order)
-    heap_toast_sums = ", ".join(f"{expr} AS {name}" for name, expr in heap_toast_other.items())
+    statio_top = ", ".join(f"{dict(heap_toast).get(name, name)} AS {name}" for name in order)
     user_tables = f"r.user_table AND r.relkind IN {stat_kinds}"
     statio_tables = "r.user_table AND r.relkind IN ('r', 'm')"
     churn = "pg_catalog.pg_stat_get_tuples_updated(r.relid) + pg_catalog.pg_stat_get_tuples_deleted(r.relid)"
     return f"""
 WITH ns AS MATERIALIZED (
-  -- user_table: in a schema the pg_stat*_user_* views keep (tested once per schema, not per relation).
+  -- user_schema: a schema the pg_stat*_user_* views keep (tested once per schema, not per relation).
   SELECT n.oid, n.nspname::text AS nspname,
          n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname !~ '^pg_toast' AS user_schema
   FROM pg_catalog.pg_namespace n
 ), idx AS MATERIALIZED (
-  -- Every index with its table (or TOAST table) and size. Statistics are read only where they are summed
-  -- or exported: each is one lookup, and grouping them per table cost more than the lookups.
-  SELECT x.indexrelid, x.indrelid, ic.relpages AS pages
-  FROM pg_catalog.pg_index x JOIN pg_catalog.pg_class ic ON ic.oid = x.indexrelid
+  -- Every index with its table (or TOAST table) and size; statistics are read only where summed or exported.
+  -- An index is in its table's schema (it cannot be moved alone), so user_index (a plain index in a user
+  -- schema) is an index of a user table or materialized view: pg_statio_user_indexes' rows.
+  SELECT x.indexrelid, x.indrelid, ic.relpages AS pages, n.nspname, n.user_schema,
+         n.user_schema AND ic.relkind = 'i' AS user_index
+  FROM pg_catalog.pg_index x
+  JOIN pg_catalog.pg_class ic ON ic.oid = x.indexrelid
+  JOIN ns n ON n.oid = ic.relnamespace
 ), rel AS MATERIALIZED (
-  -- Tables, materialized views (and partitioned tables) with the size of their TOAST table and indexes.
+  -- Tables, materialized views (and partitioned tables); the size of user tables includes their TOAST table
+  -- and indexes (only user tables are ranked by size).
   SELECT c.oid AS relid, n.nspname AS schemaname, c.relname, c.relkind, n.user_schema AS user_table,
          c.relpages::bigint + COALESCE(t.relpages, 0) + COALESCE(i.pages, 0) AS pages,
          NULLIF(c.reltoastrelid, 0) AS toastid, c.relfrozenxid,
@@ -112,39 +117,23 @@ WITH ns AS MATERIALIZED (
   JOIN ns n ON n.oid = c.relnamespace
   LEFT JOIN (SELECT t.oid, t.relpages, t.relfrozenxid, t.relminmxid FROM pg_catalog.pg_class t WHERE t.relkind = 't') t
     ON t.oid = c.reltoastrelid
-  LEFT JOIN (SELECT indrelid, sum(pages) AS pages FROM idx GROUP BY indrelid) i ON i.indrelid = c.oid
+  LEFT JOIN (SELECT indrelid, sum(pages) AS pages FROM idx WHERE user_schema GROUP BY indrelid) i ON i.indrelid = c.oid
   WHERE c.relkind IN ('r', 'm', 'p')
-), ut AS MATERIALIZED (
+), ut_top AS (
   -- Top N by size and by churn: ORDER BY ... LIMIT keeps N rows in a heap instead of sorting them all.
-  SELECT r.relid, r.schemaname, r.relname, r.relid IN (
-           (SELECT r.relid FROM rel r WHERE {user_tables}
-            ORDER BY {sticky_order("r.relid", "r.pages", "ut_incumbents")} LIMIT %(ut_top_n)s)
-           UNION ALL
-           (SELECT r.relid FROM rel r WHERE {user_tables}
-            ORDER BY {sticky_order("r.relid", churn, "ut_incumbents")} LIMIT %(ut_top_n_churn)s)) AS top
-  FROM rel r WHERE %(ut_on)s AND {user_tables}
-), st AS MATERIALIZED (
-  SELECT r.relid, r.schemaname, r.relname, r.toastid, r.relid IN (
-           SELECT r.relid FROM rel r WHERE {statio_tables}
-           ORDER BY {sticky_order("r.relid", "r.pages", "st_incumbents")} LIMIT %(st_top_n)s) AS top
-  FROM rel r WHERE %(st_on)s AND {statio_tables}
-), st_idx AS (
-  -- Index and TOAST index counters, per exported table and (relid NULL) over the rest: a few groups.
-  SELECT CASE WHEN s.top THEN s.relid END AS relid,
-         sum({_FETCHED_MINUS_HIT.format("x.indexrelid")}) FILTER (WHERE NOT k.toast) AS idx_blks_read,
-         sum({_HIT.format("x.indexrelid")}) FILTER (WHERE NOT k.toast) AS idx_blks_hit,
-         sum({_FETCHED_MINUS_HIT.format("x.indexrelid")}) FILTER (WHERE k.toast) AS tidx_blks_read,
-         sum({_HIT.format("x.indexrelid")}) FILTER (WHERE k.toast) AS tidx_blks_hit
-  FROM st s
-  CROSS JOIN LATERAL (VALUES (s.relid, false), (s.toastid, true)) k(indrelid, toast)
-  JOIN idx x ON x.indrelid = k.indrelid
-  GROUP BY 1
-), si AS MATERIALIZED (
-  SELECT x.indexrelid, r.schemaname, r.relname, x.indexrelid IN (
-           SELECT x.indexrelid FROM idx x JOIN rel r ON r.relid = x.indrelid WHERE {statio_tables}
-           ORDER BY {sticky_order("x.indexrelid", "x.pages::bigint", "si_incumbents")} LIMIT %(si_top_n)s) AS top
-  FROM idx x JOIN rel r ON r.relid = x.indrelid
-  WHERE %(si_on)s AND {statio_tables}
+  (SELECT r.relid FROM rel r WHERE %(ut_on)s AND {user_tables}
+   ORDER BY {sticky_order("r.relid", "r.pages", "ut_incumbents")} LIMIT %(ut_top_n)s)
+  UNION ALL
+  (SELECT r.relid FROM rel r WHERE %(ut_on)s AND {user_tables}
+   ORDER BY {sticky_order("r.relid", churn, "ut_incumbents")} LIMIT %(ut_top_n_churn)s)
+), ut AS MATERIALIZED (
+  SELECT r.relid, r.relid IN (SELECT relid FROM ut_top) AS top FROM rel r WHERE %(ut_on)s AND {user_tables}
+), st_top AS (
+  SELECT r.relid FROM rel r WHERE %(st_on)s AND {statio_tables}
+  ORDER BY {sticky_order("r.relid", "r.pages", "st_incumbents")} LIMIT %(st_top_n)s
+), si_top AS (
+  SELECT x.indexrelid, x.indrelid, x.nspname FROM idx x WHERE %(si_on)s AND x.user_index
+  ORDER BY {sticky_order("x.indexrelid", "x.pages::bigint", "si_incumbents")} LIMIT %(si_top_n)s
 ), wa AS (
   -- Every schema: system catalogs and other sessions' temporary tables need freezing too.
   SELECT r.relid, r.schemaname, r.relname, r.xid_age, r.mxid_age
@@ -153,7 +142,7 @@ WITH ns AS MATERIALIZED (
 SELECT '{STAT_TABLES}' AS section, (SELECT pg_catalog.json_agg(s) FROM (
   SELECT relid::bigint AS relid, schemaname, relname::text AS relname,
          {top_columns}
-  FROM ut WHERE top
+  FROM rel WHERE %(ut_on)s AND relid IN (SELECT relid FROM ut_top)
   UNION ALL
   SELECT NULL, '', 'other',
          {other_columns}
@@ -161,20 +150,35 @@ SELECT '{STAT_TABLES}' AS section, (SELECT pg_catalog.json_agg(s) FROM (
 UNION ALL
 SELECT '{STATIO_TABLES}', (SELECT pg_catalog.json_agg(s) FROM (
   SELECT s.relid::bigint AS relid, s.schemaname, s.relname::text AS relname, {statio_top}
-  FROM st s LEFT JOIN st_idx i ON i.relid = s.relid WHERE s.top
+  FROM rel s
+  -- The exported tables' index counters: a few lookups through pg_index's index on indrelid.
+  LEFT JOIN LATERAL (SELECT {_sum_or_null_plain(_FETCHED_MINUS_HIT.format("x.indexrelid"))} AS idx_blks_read,
+                            {_sum_or_null_plain(_HIT.format("x.indexrelid"))} AS idx_blks_hit
+                     FROM pg_catalog.pg_index x WHERE x.indrelid = s.relid) i ON true
+  LEFT JOIN LATERAL (SELECT {_sum_or_null_plain(_FETCHED_MINUS_HIT.format("x.indexrelid"))} AS tidx_blks_read,
+                            {_sum_or_null_plain(_HIT.format("x.indexrelid"))} AS tidx_blks_hit
+                     FROM pg_catalog.pg_index x WHERE x.indrelid = s.toastid) ti ON true
+  WHERE %(st_on)s AND s.relid IN (SELECT relid FROM st_top)
   UNION ALL
-  SELECT NULL, '', 'other', {statio_other}
-  FROM (SELECT {heap_toast_sums} FROM st s WHERE %(st_on)s AND NOT s.top) h
-  LEFT JOIN st_idx i ON i.relid IS NULL) s)
+  -- The rest: heap and TOAST of the other tables; their indexes (user_index: a user table's) and TOAST indexes.
+  SELECT NULL, '', 'other', h.heap_blks_read, h.heap_blks_hit, i.*, h.toast_blks_read, h.toast_blks_hit, ti.*
+  FROM (SELECT {heap_toast_sums} FROM rel s
+        WHERE %(st_on)s AND s.user_table AND s.relkind IN ('r', 'm') AND s.relid NOT IN (SELECT relid FROM st_top)) h,
+       (SELECT {index_sums} FROM idx x
+        WHERE %(st_on)s AND x.user_index AND x.indrelid NOT IN (SELECT relid FROM st_top)) i,
+       (SELECT {index_sums} FROM idx x
+        WHERE %(st_on)s AND x.indrelid IN (SELECT r.toastid FROM rel r WHERE {statio_tables}
+                                           AND r.relid NOT IN (SELECT relid FROM st_top))) ti) s)
 UNION ALL
 SELECT '{STATIO_INDEXES}', (SELECT pg_catalog.json_agg(s) FROM (
-  SELECT si.indexrelid::bigint AS relid, si.schemaname, si.relname::text AS relname,
-         (SELECT ic.relname::text FROM pg_catalog.pg_class ic WHERE ic.oid = si.indexrelid) AS indexrelname,
-         {_FETCHED_MINUS_HIT.format("si.indexrelid")} AS idx_blks_read, {_HIT.format("si.indexrelid")} AS idx_blks_hit
-  FROM si WHERE top
+  SELECT x.indexrelid::bigint AS relid, x.nspname AS schemaname,
+         (SELECT c.relname::text FROM pg_catalog.pg_class c WHERE c.oid = x.indrelid) AS relname,
+         (SELECT c.relname::text FROM pg_catalog.pg_class c WHERE c.oid = x.indexrelid) AS indexrelname,
+         {_FETCHED_MINUS_HIT.format("x.indexrelid")} AS idx_blks_read, {_HIT.format("x.indexrelid")} AS idx_blks_hit
+  FROM si_top x
   UNION ALL
-  SELECT NULL, '', 'other', 'other', {_sum(_FETCHED_MINUS_HIT.format("indexrelid"))}, {_sum(_HIT.format("indexrelid"))}
-  FROM si WHERE %(si_on)s AND NOT top) s)
+  SELECT NULL, '', 'other', 'other', {index_sums}
+  FROM idx x WHERE %(si_on)s AND x.user_index AND x.indexrelid NOT IN (SELECT indexrelid FROM si_top)) s)
 UNION ALL
 SELECT '{WRAPAROUND}', (SELECT pg_catalog.json_agg(s) FROM (
   SELECT schemaname, relname::text AS relname, xid_age AS table_xid_age, mxid_age AS table_mxid_age,
