@@ -47,6 +47,9 @@ def _some_tables(pg: Server, db: str) -> None:
         pg.execute(f"INSERT INTO t{i} SELECT g, repeat('x', 3000) FROM generate_series(1, {200 * (i + 1)}) g", db)
         pg.execute(f"SELECT count(*) FROM t{i}", db)  # some buffer hits
     pg.execute("ANALYZE", db)
+    # The counts reach the shared statistics shortly after the sessions end (through the collector before 15).
+    wait_until(lambda: pg.execute("SELECT heap_blks_hit FROM pg_statio_user_tables WHERE relname = 't2'",
+                                  db)[0]["heap_blks_hit"] > 0, timeout=30)
 
 
 def test_four_collectors_one_query_per_database(pg: Server, fresh_db: str) -> None:
