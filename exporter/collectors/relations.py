@@ -117,7 +117,9 @@ WITH ns AS MATERIALIZED (
   JOIN ns n ON n.oid = c.relnamespace
   LEFT JOIN (SELECT t.oid, t.relpages, t.relfrozenxid, t.relminmxid FROM pg_catalog.pg_class t WHERE t.relkind = 't') t
     ON t.oid = c.reltoastrelid
-  LEFT JOIN (SELECT indrelid, sum(pages) AS pages FROM idx WHERE user_schema GROUP BY indrelid) i ON i.indrelid = c.oid
+  -- Index sizes only rank tables: not read when only the wraparound section runs.
+  LEFT JOIN (SELECT indrelid, sum(pages) AS pages FROM idx WHERE (%(ut_on)s OR %(st_on)s) AND user_schema
+             GROUP BY indrelid) i ON i.indrelid = c.oid
   WHERE c.relkind IN ('r', 'm', 'p')
 ), ut_top AS (
   -- Top N by size and by churn: ORDER BY ... LIMIT keeps N rows in a heap instead of sorting them all.
