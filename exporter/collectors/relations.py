@@ -7,6 +7,10 @@ transaction; later calls hit the transaction's cache) and the views' own joins a
 query reads pg_class, pg_index and the statistics once and answers every section (the collectors keep
 their own names, parameters, top-N choices and metrics); the engine lets the other collectors of the
 pass reuse its result when they run within 10 % of their interval of it (see ``Collector.shared_pass``).
+What is left costs per relation, so the query does as little per relation as it can: top N by
+``ORDER BY ... LIMIT`` (no window sorting every row), remainders as sums over the rows where they
+already are (no per-table join or grouping of index counters), names looked up for exported rows only
+(docs/benchmarks.md, "Per-relation families in one pass").
 """
 
 from __future__ import annotations
@@ -43,11 +47,6 @@ def _sum(expr: str, where: str = "") -> str:
 def _sum_or_null(expr: str, where: str) -> str:
     """A sum that is 0 when no row is left over and NULL (no sample) when the server lacks the column."""
     return f"COALESCE(sum({expr}) FILTER (WHERE {where}), 0 * max({expr}))"
-
-
-def _sum_or_null_plain(expr: str) -> str:
-    """``sum(expr)::bigint``: NULL over no row (a table without indexes has no index counters)."""
-    return f"sum({expr})::bigint"
 
 
 def pass_sql(ins_since_vacuum: bool, with_partitioned: bool, vacuum_times: bool) -> str:
@@ -153,12 +152,13 @@ UNION ALL
 SELECT '{STATIO_TABLES}', (SELECT pg_catalog.json_agg(s) FROM (
   SELECT s.relid::bigint AS relid, s.schemaname, s.relname::text AS relname, {statio_top}
   FROM rel s
-  -- The exported tables' index counters: a few lookups through pg_index's index on indrelid.
-  LEFT JOIN LATERAL (SELECT {_sum_or_null_plain(_FETCHED_MINUS_HIT.format("x.indexrelid"))} AS idx_blks_read,
-                            {_sum_or_null_plain(_HIT.format("x.indexrelid"))} AS idx_blks_hit
+  -- The exported tables' index counters: a few lookups through pg_index's index on indrelid (NULL sums, no
+  -- sample, for a table without indexes or TOAST table).
+  LEFT JOIN LATERAL (SELECT sum({_FETCHED_MINUS_HIT.format("x.indexrelid")})::bigint AS idx_blks_read,
+                            sum({_HIT.format("x.indexrelid")})::bigint AS idx_blks_hit
                      FROM pg_catalog.pg_index x WHERE x.indrelid = s.relid) i ON true
-  LEFT JOIN LATERAL (SELECT {_sum_or_null_plain(_FETCHED_MINUS_HIT.format("x.indexrelid"))} AS tidx_blks_read,
-                            {_sum_or_null_plain(_HIT.format("x.indexrelid"))} AS tidx_blks_hit
+  LEFT JOIN LATERAL (SELECT sum({_FETCHED_MINUS_HIT.format("x.indexrelid")})::bigint AS tidx_blks_read,
+                            sum({_HIT.format("x.indexrelid")})::bigint AS tidx_blks_hit
                      FROM pg_catalog.pg_index x WHERE x.indrelid = s.toastid) ti ON true
   WHERE %(st_on)s AND s.relid IN (SELECT relid FROM st_top)
   UNION ALL
