@@ -73,15 +73,16 @@ STICKINESS = STICKY_NUM / STICKY_DEN
 INCUMBENTS = "incumbents"
 
 
-def sticky_rank(key: str, size: str, incumbents: str = INCUMBENTS) -> str:
-    """SQL: ``row_number()`` by ``size`` descending, rows whose ``key`` is in ``%(incumbents)s`` weighted up.
+def sticky_order(key: str, size: str, incumbents: str = INCUMBENTS) -> str:
+    """SQL: the ORDER BY list of the sticky ranking: ``size`` descending, rows whose ``key`` is in
+    ``%(incumbents)s`` weighted up.
 
     Ties go to incumbents, then to the smaller key: the order is total, so the top is stable between runs.
+    Take the top N with ``ORDER BY ... LIMIT n``: a bounded heap, where ranking every row sorted them all.
     ``incumbents`` names the SQL parameter (a query ranking for several collectors has one each).
     """
     incumbent = f"{key}::bigint = ANY(%({incumbents})s::bigint[])"
-    return (f"pg_catalog.row_number() OVER (ORDER BY ({size}) * CASE WHEN {incumbent} THEN {STICKY_NUM} "
-            f"ELSE {STICKY_DEN} END DESC, {incumbent} DESC, {key})")
+    return f"({size}) * CASE WHEN {incumbent} THEN {STICKY_NUM} ELSE {STICKY_DEN} END DESC, {incumbent} DESC, {key}"
 
 
 def query_top(session: Session, ctx: RunContext, sql: str, params: Mapping[str, Any], key: str = "relid") -> list[Row]:

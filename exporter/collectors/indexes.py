@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from exporter.catalog import Collector, Param, Rows, SqlVariant
 from exporter.collectors._helpers import counter, gauge
 from exporter.collectors.cache import INDEX
-from exporter.hooks import STICKINESS, query_top, sticky_rank
+from exporter.hooks import STICKINESS, query_top, sticky_order
 
 if TYPE_CHECKING:
     from exporter.db import Session
@@ -28,37 +28,47 @@ UNUSED_TOP_N = Param(
 # the statistics were reset and it enforces nothing: unique, primary key and exclusion indexes are needed
 # even when never scanned.
 def _indexes_sql(last_scan: str) -> str:
+    size = "i.pages * pg_catalog.current_setting('block_size')::bigint"
+    name = "(SELECT c.relname::text FROM pg_catalog.pg_class c WHERE c.oid = {0})"
+    read, fetched = ("pg_catalog.pg_stat_get_tuples_returned(i.indexrelid)",
+                     "pg_catalog.pg_stat_get_tuples_fetched(i.indexrelid)")
     return f"""
 WITH idx AS MATERIALIZED (
-  SELECT s.indexrelid, s.schemaname, s.relname, s.indexrelname, s.idx_scan, s.idx_tup_read, s.idx_tup_fetch,
-         {last_scan} AS last_scan,
-         c.relpages::bigint * pg_catalog.current_setting('block_size')::bigint AS size_bytes,
-         (s.idx_scan = 0 AND NOT x.indisunique AND NOT x.indisprimary AND NOT x.indisexclusion) AS unused,
-         {sticky_rank("s.indexrelid", "c.relpages::bigint")} AS rank
-  FROM pg_catalog.pg_stat_user_indexes s
-  JOIN pg_catalog.pg_class c ON c.oid = s.indexrelid
-  JOIN pg_catalog.pg_index x ON x.indexrelid = s.indexrelid
+  -- pg_stat_user_indexes' rows without its joins: an index is in its table's schema (it cannot be moved
+  -- alone), so a plain index in a user schema is an index of a user table or materialized view.
+  SELECT x.indexrelid, x.indrelid, n.nspname::text AS schemaname, ic.relpages::bigint AS pages,
+         pg_catalog.pg_stat_get_numscans(x.indexrelid) AS idx_scan,
+         NOT x.indisunique AND NOT x.indisprimary AND NOT x.indisexclusion AS optional
+  FROM pg_catalog.pg_index x
+  JOIN pg_catalog.pg_class ic ON ic.oid = x.indexrelid
+  JOIN pg_catalog.pg_namespace n ON n.oid = ic.relnamespace
+  WHERE ic.relkind = 'i' AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname !~ '^pg_toast'
+), top AS (
+  -- ORDER BY ... LIMIT keeps N rows in a heap instead of sorting them all.
+  SELECT i.indexrelid FROM idx i ORDER BY {sticky_order("i.indexrelid", "i.pages")} LIMIT %(top_n)s
 ), unused AS (
-  SELECT i.*, pg_catalog.row_number() OVER (ORDER BY i.size_bytes DESC, i.indexrelid) AS unused_rank
-  FROM idx i WHERE i.unused
+  SELECT i.*, i.indexrelid IN (
+           SELECT u.indexrelid FROM idx u WHERE u.idx_scan = 0 AND u.optional
+           ORDER BY u.pages DESC, u.indexrelid LIMIT %(unused_top_n)s) AS top
+  FROM idx i WHERE i.idx_scan = 0 AND i.optional
 )
-SELECT indexrelid::bigint AS relid, schemaname::text, relname::text, indexrelname::text, idx_scan, idx_tup_read,
-       idx_tup_fetch, pg_catalog.date_part('epoch', last_scan) AS last_scan, size_bytes,
+SELECT i.indexrelid::bigint AS relid, i.schemaname, {name.format("i.indrelid")} AS relname,
+       {name.format("i.indexrelid")} AS indexrelname, i.idx_scan, {read} AS idx_tup_read,
+       {fetched} AS idx_tup_fetch, pg_catalog.date_part('epoch', {last_scan}) AS last_scan, {size} AS size_bytes,
        NULL::bigint AS unused_size_bytes, NULL::bigint AS unused_bytes, NULL::bigint AS unused_count
-FROM idx WHERE rank <= %(top_n)s
+FROM idx i WHERE i.indexrelid IN (SELECT indexrelid FROM top)
 UNION ALL
-SELECT NULL, '', 'other', 'other', COALESCE(sum(idx_scan), 0)::bigint, COALESCE(sum(idx_tup_read), 0)::bigint,
-       COALESCE(sum(idx_tup_fetch), 0)::bigint, NULL, COALESCE(sum(size_bytes), 0)::bigint, NULL, NULL, NULL
-FROM idx WHERE rank > %(top_n)s
+SELECT NULL, '', 'other', 'other', COALESCE(sum(i.idx_scan), 0)::bigint, COALESCE(sum({read}), 0)::bigint,
+       COALESCE(sum({fetched}), 0)::bigint, NULL, COALESCE(sum({size}), 0)::bigint, NULL, NULL, NULL
+FROM idx i WHERE i.indexrelid NOT IN (SELECT indexrelid FROM top)
 UNION ALL
 -- relid NULL: these rows must not become the top-N incumbents.
-SELECT NULL, schemaname::text, relname::text, indexrelname::text, NULL, NULL, NULL, NULL, NULL, size_bytes,
-       NULL, NULL
-FROM unused WHERE unused_rank <= %(unused_top_n)s
+SELECT NULL, i.schemaname, {name.format("i.indrelid")}, {name.format("i.indexrelid")}, NULL, NULL, NULL, NULL, NULL,
+       {size}, NULL, NULL
+FROM unused i WHERE i.top
 UNION ALL
-SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-       COALESCE(sum(size_bytes), 0)::bigint, count(*)
-FROM unused"""
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, COALESCE(sum({size}), 0)::bigint, count(*)
+FROM unused i"""
 
 
 def fetch_indexes(session: Session, ctx: RunContext, sql: str | None) -> Rows:
@@ -81,7 +91,7 @@ INDEX_USAGE = Collector(
     params=(TOP_N, UNUSED_TOP_N),
     variants=(
         SqlVariant(min_version=120000, max_version=160000, sql=_indexes_sql("NULL::timestamptz")),
-        SqlVariant(min_version=160000, sql=_indexes_sql("s.last_idx_scan")),
+        SqlVariant(min_version=160000, sql=_indexes_sql("pg_catalog.pg_stat_get_lastscan(i.indexrelid)")),
     ),
     fetch=fetch_indexes,
     metrics=(

@@ -7,6 +7,10 @@ transaction; later calls hit the transaction's cache) and the views' own joins a
 query reads pg_class, pg_index and the statistics once and answers every section (the collectors keep
 their own names, parameters, top-N choices and metrics); the engine lets the other collectors of the
 pass reuse its result when they run within 10 % of their interval of it (see ``Collector.shared_pass``).
+What is left costs per relation, so the query does as little per relation as it can: top N by
+``ORDER BY ... LIMIT`` (no window sorting every row), remainders as sums over the rows where they
+already are (no per-table join or grouping of index counters), names looked up for exported rows only
+(docs/benchmarks.md, "Per-relation families in one pass").
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 from exporter.catalog import Rows, SqlVariant
 from exporter.db import CollectError
-from exporter.hooks import INCUMBENTS, sticky_rank
+from exporter.hooks import INCUMBENTS, sticky_order
 
 if TYPE_CHECKING:
     from exporter.db import Session
@@ -73,95 +77,116 @@ def pass_sql(ins_since_vacuum: bool, with_partitioned: bool, vacuum_times: bool)
         *[f"{_sum(f'pg_catalog.pg_stat_get_{name}_count(relid)', 'NOT top')} AS {name}_count" for name in counts],
         *[f"{_sum_or_null(times[name].format('relid'), 'NOT top')} AS total_{name}_time" for name in counts],
     ])
-    statio_columns = [
-        ("heap_blks_read", _FETCHED_MINUS_HIT.format("relid")), ("heap_blks_hit", _HIT.format("relid")),
-        ("idx_blks_read", "idx_blks_read"), ("idx_blks_hit", "idx_blks_hit"),
-        ("toast_blks_read", _FETCHED_MINUS_HIT.format("toastid")), ("toast_blks_hit", _HIT.format("toastid")),
-        ("tidx_blks_read", "tidx_blks_read"), ("tidx_blks_hit", "tidx_blks_hit"),
+    heap_toast = [
+        ("heap_blks_read", _FETCHED_MINUS_HIT.format("s.relid")), ("heap_blks_hit", _HIT.format("s.relid")),
+        ("toast_blks_read", _FETCHED_MINUS_HIT.format("s.toastid")), ("toast_blks_hit", _HIT.format("s.toastid")),
     ]
-    statio_top = ", ".join(f"{expr} AS {name}" for name, expr in statio_columns)
-    statio_other = ", ".join(f"{_sum(expr)} AS {name}" for name, expr in statio_columns)
+    heap_toast_sums = ", ".join(f"{_sum(expr)} AS {name}" for name, expr in heap_toast)
+    index_sums = f"{_sum(_FETCHED_MINUS_HIT.format('x.indexrelid'))}, {_sum(_HIT.format('x.indexrelid'))}"
+    order = ("heap_blks_read", "heap_blks_hit", "idx_blks_read", "idx_blks_hit",
+             "toast_blks_read", "toast_blks_hit", "tidx_blks_read", "tidx_blks_hit")
+    statio_top = ", ".join(f"{dict(heap_toast).get(name, name)} AS {name}" for name in order)
+    user_tables = f"r.user_table AND r.relkind IN {stat_kinds}"
+    statio_tables = "r.user_table AND r.relkind IN ('r', 'm')"
+    churn = "pg_catalog.pg_stat_get_tuples_updated(r.relid) + pg_catalog.pg_stat_get_tuples_deleted(r.relid)"
     return f"""
-WITH idx AS MATERIALIZED (
-  -- Index statistics are looked up only when a section needs them (their pages rank tables anyway).
-  SELECT x.indexrelid, x.indrelid, ic.relpages::bigint AS pages,
-         CASE WHEN %(st_on)s OR %(si_on)s THEN {_FETCHED_MINUS_HIT.format("x.indexrelid")} END AS blks_read,
-         CASE WHEN %(st_on)s OR %(si_on)s THEN {_HIT.format("x.indexrelid")} END AS blks_hit
-  FROM pg_catalog.pg_index x JOIN pg_catalog.pg_class ic ON ic.oid = x.indexrelid
-), per_table AS (
-  SELECT indrelid, sum(pages)::bigint AS pages, sum(blks_read)::bigint AS blks_read,
-         sum(blks_hit)::bigint AS blks_hit
-  FROM idx GROUP BY indrelid
-), ns AS MATERIALIZED (
-  -- user_table: in a schema the pg_stat*_user_* views keep (tested once per schema, not per relation).
+WITH ns AS MATERIALIZED (
+  -- user_schema: a schema the pg_stat*_user_* views keep (tested once per schema, not per relation).
   SELECT n.oid, n.nspname::text AS nspname,
          n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname !~ '^pg_toast' AS user_schema
   FROM pg_catalog.pg_namespace n
-), toast AS (
-  SELECT t.oid, t.relpages, t.relfrozenxid, t.relminmxid FROM pg_catalog.pg_class t WHERE t.relkind = 't'
+), idx AS MATERIALIZED (
+  -- Every index with its table (or TOAST table) and size; statistics are read only where summed or exported.
+  -- An index is in its table's schema (it cannot be moved alone), so user_index (a plain index in a user
+  -- schema) is an index of a user table or materialized view: pg_statio_user_indexes' rows.
+  SELECT x.indexrelid, x.indrelid, ic.relpages AS pages, n.nspname, n.user_schema,
+         n.user_schema AND ic.relkind = 'i' AS user_index
+  FROM pg_catalog.pg_index x
+  JOIN pg_catalog.pg_class ic ON ic.oid = x.indexrelid
+  JOIN ns n ON n.oid = ic.relnamespace
 ), rel AS MATERIALIZED (
-  -- Tables, materialized views (and partitioned tables) with their TOAST table and indexes folded in.
-  SELECT c.oid AS relid, n.nspname AS schemaname, c.relname::text AS relname, c.relkind, n.user_schema AS user_table,
+  -- Tables, materialized views (and partitioned tables); the size of user tables includes their TOAST table
+  -- and indexes (only user tables are ranked by size).
+  SELECT c.oid AS relid, n.nspname AS schemaname, c.relname, c.relkind, n.user_schema AS user_table,
          c.relpages::bigint + COALESCE(t.relpages, 0) + COALESCE(i.pages, 0) AS pages,
          NULLIF(c.reltoastrelid, 0) AS toastid, c.relfrozenxid,
          GREATEST(pg_catalog.age(c.relfrozenxid), pg_catalog.age(t.relfrozenxid)) AS xid_age,
-         GREATEST(pg_catalog.mxid_age(c.relminmxid), pg_catalog.mxid_age(t.relminmxid)) AS mxid_age,
-         i.blks_read AS idx_blks_read, i.blks_hit AS idx_blks_hit,
-         ti.blks_read AS tidx_blks_read, ti.blks_hit AS tidx_blks_hit
+         GREATEST(pg_catalog.mxid_age(c.relminmxid), pg_catalog.mxid_age(t.relminmxid)) AS mxid_age
   FROM pg_catalog.pg_class c
   JOIN ns n ON n.oid = c.relnamespace
-  LEFT JOIN toast t ON t.oid = c.reltoastrelid
-  LEFT JOIN per_table i ON i.indrelid = c.oid
-  LEFT JOIN per_table ti ON ti.indrelid = c.reltoastrelid
+  LEFT JOIN (SELECT t.oid, t.relpages, t.relfrozenxid, t.relminmxid FROM pg_catalog.pg_class t WHERE t.relkind = 't') t
+    ON t.oid = c.reltoastrelid
+  -- Index sizes only rank tables: not read when only the wraparound section runs.
+  LEFT JOIN (SELECT indrelid, sum(pages) AS pages FROM idx WHERE (%(ut_on)s OR %(st_on)s) AND user_schema
+             GROUP BY indrelid) i ON i.indrelid = c.oid
   WHERE c.relkind IN ('r', 'm', 'p')
+), ut_top AS (
+  -- Top N by size and by churn: ORDER BY ... LIMIT keeps N rows in a heap instead of sorting them all.
+  (SELECT r.relid FROM rel r WHERE %(ut_on)s AND {user_tables}
+   ORDER BY {sticky_order("r.relid", "r.pages", "ut_incumbents")} LIMIT %(ut_top_n)s)
+  UNION ALL
+  (SELECT r.relid FROM rel r WHERE %(ut_on)s AND {user_tables}
+   ORDER BY {sticky_order("r.relid", churn, "ut_incumbents")} LIMIT %(ut_top_n_churn)s)
 ), ut AS MATERIALIZED (
-  SELECT r.relid, r.schemaname, r.relname,
-         {sticky_rank("r.relid", "r.pages", "ut_incumbents")} <= %(ut_top_n)s
-         OR {sticky_rank("r.relid", "pg_catalog.pg_stat_get_tuples_updated(r.relid) + "
-                         "pg_catalog.pg_stat_get_tuples_deleted(r.relid)", "ut_incumbents")}
-            <= %(ut_top_n_churn)s AS top
-  FROM rel r WHERE %(ut_on)s AND r.user_table AND r.relkind IN {stat_kinds}
-), st AS MATERIALIZED (
-  SELECT r.*, {sticky_rank("r.relid", "r.pages", "st_incumbents")} AS rank
-  FROM rel r WHERE %(st_on)s AND r.user_table AND r.relkind IN ('r', 'm')
-), si AS MATERIALIZED (
-  SELECT x.indexrelid, r.schemaname, r.relname, x.blks_read, x.blks_hit,
-         {sticky_rank("x.indexrelid", "x.pages", "si_incumbents")} AS rank
-  FROM idx x JOIN rel r ON r.relid = x.indrelid
-  WHERE %(si_on)s AND r.user_table AND r.relkind IN ('r', 'm')
-), wa AS MATERIALIZED (
+  SELECT r.relid, r.relid IN (SELECT relid FROM ut_top) AS top FROM rel r WHERE %(ut_on)s AND {user_tables}
+), st_top AS (
+  SELECT r.relid FROM rel r WHERE %(st_on)s AND {statio_tables}
+  ORDER BY {sticky_order("r.relid", "r.pages", "st_incumbents")} LIMIT %(st_top_n)s
+), si_top AS (
+  SELECT x.indexrelid, x.indrelid, x.nspname FROM idx x WHERE %(si_on)s AND x.user_index
+  ORDER BY {sticky_order("x.indexrelid", "x.pages::bigint", "si_incumbents")} LIMIT %(si_top_n)s
+), wa AS (
   -- Every schema: system catalogs and other sessions' temporary tables need freezing too.
-  SELECT r.schemaname, r.relname, r.xid_age, r.mxid_age,
-         pg_catalog.row_number() OVER (ORDER BY r.xid_age DESC, r.relid) AS xid_rank,
-         pg_catalog.row_number() OVER (ORDER BY r.mxid_age DESC, r.relid) AS mxid_rank
+  SELECT r.relid, r.schemaname, r.relname, r.xid_age, r.mxid_age
   FROM rel r WHERE %(wa_on)s AND r.relkind IN ('r', 'm') AND r.relfrozenxid <> '0'::xid
 )
 SELECT '{STAT_TABLES}' AS section, (SELECT pg_catalog.json_agg(s) FROM (
-  SELECT relid::bigint AS relid, schemaname, relname,
+  SELECT relid::bigint AS relid, schemaname, relname::text AS relname,
          {top_columns}
-  FROM ut WHERE top
+  FROM rel WHERE %(ut_on)s AND relid IN (SELECT relid FROM ut_top)
   UNION ALL
   SELECT NULL, '', 'other',
          {other_columns}
   FROM ut WHERE %(ut_on)s) s) AS rows
 UNION ALL
 SELECT '{STATIO_TABLES}', (SELECT pg_catalog.json_agg(s) FROM (
-  SELECT relid::bigint AS relid, schemaname, relname, {statio_top} FROM st WHERE rank <= %(st_top_n)s
+  SELECT s.relid::bigint AS relid, s.schemaname, s.relname::text AS relname, {statio_top}
+  FROM rel s
+  -- The exported tables' index counters: a few lookups through pg_index's index on indrelid (NULL sums, no
+  -- sample, for a table without indexes or TOAST table).
+  LEFT JOIN LATERAL (SELECT sum({_FETCHED_MINUS_HIT.format("x.indexrelid")})::bigint AS idx_blks_read,
+                            sum({_HIT.format("x.indexrelid")})::bigint AS idx_blks_hit
+                     FROM pg_catalog.pg_index x WHERE x.indrelid = s.relid) i ON true
+  LEFT JOIN LATERAL (SELECT sum({_FETCHED_MINUS_HIT.format("x.indexrelid")})::bigint AS tidx_blks_read,
+                            sum({_HIT.format("x.indexrelid")})::bigint AS tidx_blks_hit
+                     FROM pg_catalog.pg_index x WHERE x.indrelid = s.toastid) ti ON true
+  WHERE %(st_on)s AND s.relid IN (SELECT relid FROM st_top)
   UNION ALL
-  SELECT NULL, '', 'other', {statio_other} FROM st WHERE %(st_on)s AND rank > %(st_top_n)s) s)
+  -- The rest: heap and TOAST of the other tables; their indexes (user_index: a user table's) and TOAST indexes.
+  SELECT NULL, '', 'other', h.heap_blks_read, h.heap_blks_hit, i.*, h.toast_blks_read, h.toast_blks_hit, ti.*
+  FROM (SELECT {heap_toast_sums} FROM rel s
+        WHERE %(st_on)s AND s.user_table AND s.relkind IN ('r', 'm') AND s.relid NOT IN (SELECT relid FROM st_top)) h,
+       (SELECT {index_sums} FROM idx x
+        WHERE %(st_on)s AND x.user_index AND x.indrelid NOT IN (SELECT relid FROM st_top)) i,
+       (SELECT {index_sums} FROM idx x
+        WHERE %(st_on)s AND x.indrelid IN (SELECT r.toastid FROM rel r WHERE {statio_tables}
+                                           AND r.relid NOT IN (SELECT relid FROM st_top))) ti) s)
 UNION ALL
 SELECT '{STATIO_INDEXES}', (SELECT pg_catalog.json_agg(s) FROM (
-  SELECT si.indexrelid::bigint AS relid, si.schemaname, si.relname, ic.relname::text AS indexrelname,
-         si.blks_read AS idx_blks_read, si.blks_hit AS idx_blks_hit
-  FROM si JOIN pg_catalog.pg_class ic ON ic.oid = si.indexrelid WHERE si.rank <= %(si_top_n)s
+  SELECT x.indexrelid::bigint AS relid, x.nspname AS schemaname,
+         (SELECT c.relname::text FROM pg_catalog.pg_class c WHERE c.oid = x.indrelid) AS relname,
+         (SELECT c.relname::text FROM pg_catalog.pg_class c WHERE c.oid = x.indexrelid) AS indexrelname,
+         {_FETCHED_MINUS_HIT.format("x.indexrelid")} AS idx_blks_read, {_HIT.format("x.indexrelid")} AS idx_blks_hit
+  FROM si_top x
   UNION ALL
-  SELECT NULL, '', 'other', 'other', {_sum("blks_read")}, {_sum("blks_hit")}
-  FROM si WHERE %(si_on)s AND rank > %(si_top_n)s) s)
+  SELECT NULL, '', 'other', 'other', {index_sums}
+  FROM idx x WHERE %(si_on)s AND x.user_index AND x.indexrelid NOT IN (SELECT indexrelid FROM si_top)) s)
 UNION ALL
 SELECT '{WRAPAROUND}', (SELECT pg_catalog.json_agg(s) FROM (
-  SELECT schemaname, relname, xid_age AS table_xid_age, mxid_age AS table_mxid_age,
+  SELECT schemaname, relname::text AS relname, xid_age AS table_xid_age, mxid_age AS table_mxid_age,
          NULL::int AS oldest_xid_age, NULL::int AS oldest_mxid_age
-  FROM wa WHERE xid_rank <= %(wa_top_n)s OR mxid_rank <= %(wa_top_n)s
+  FROM wa WHERE relid IN ((SELECT relid FROM wa ORDER BY xid_age DESC, relid LIMIT %(wa_top_n)s)
+                          UNION ALL (SELECT relid FROM wa ORDER BY mxid_age DESC, relid LIMIT %(wa_top_n)s))
   UNION ALL
   SELECT NULL, NULL, NULL, NULL, max(xid_age), max(mxid_age) FROM wa WHERE %(wa_on)s) s)"""
 
