@@ -77,6 +77,15 @@ def db_time_ms(cluster: LocalCluster, role: str) -> float:
     return float(rows[0]["ms"])
 
 
+def pass_runs(cluster: LocalCluster, role: str) -> int:
+    """How often the role ran pgvitals' relations pass (its one query answering every section)."""
+    rows = cluster.execute(
+        "SELECT coalesce(sum(calls), 0)::bigint AS n FROM pg_stat_statements s JOIN pg_roles r ON r.oid = s.userid "
+        f"WHERE r.rolname = '{role}' AND s.query LIKE '%AS section%'"
+    )
+    return int(rows[0]["n"])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tables", type=int, default=10_000)
@@ -133,6 +142,7 @@ def main() -> int:
         scrape(pv_port)
         cluster.execute("SELECT pg_stat_statements_reset()")
         before = {r: db_time_ms(cluster, r) for r in roles}
+        passes_before = {r: pass_runs(cluster, r) for r in roles[1:]}
         results: dict[str, list[tuple[float, int, int]]] = {"postgres_exporter": [], "pgvitals": []}
         window_start = time.monotonic()
         while time.monotonic() - window_start < args.window:
@@ -142,6 +152,7 @@ def main() -> int:
             time.sleep(max(0.0, args.scrape_interval - (time.monotonic() - tick)))
         minutes = (time.monotonic() - window_start) / 60
         cost = {r: (db_time_ms(cluster, r) - before[r]) / 1000 / minutes for r in before}
+        passes = {r: (pass_runs(cluster, r) - passes_before[r]) / minutes for r in passes_before}
         memory = {"postgres_exporter": rss_mb(pe.pid), "pgvitals": rss_mb(pv.pid)}
 
         print(f"\n{args.tables} tables, PostgreSQL {cluster.major}, scraped every {args.scrape_interval:g}s "
@@ -163,6 +174,7 @@ def main() -> int:
         for label, a, b, fmt in rows:
             ratio = f"{a / b:.1f}x" if b else "n/a"
             print(f"| {label} | {fmt.format(a)} | {fmt.format(b)} | {ratio} |")
+        print("\nrelations pass runs per minute: " + ", ".join(f"{r} {n:.2f}" for r, n in passes.items()))
         return 0
     finally:
         for proc in procs:

@@ -17,7 +17,7 @@ from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers import SchedulerNotRunningError
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from exporter import __version__, shards
+from exporter import __version__, planner, shards
 from exporter import dynamic as dynamic_targets
 from exporter.catalog import Catalog
 from exporter.config import ConfigError, PgBouncerConfig, Settings, TargetConfig
@@ -114,7 +114,7 @@ class Daemon:
             first = datetime.now().astimezone() + timedelta(seconds=random.uniform(0, 1.0))
         self.scheduler.add_job(
             self.engine.collect, "interval", seconds=eff.interval, args=(runtime, eff),
-            id=self._collector_job_id(runtime, eff), jitter=min(eff.interval * 0.1, 5.0),
+            id=self._collector_job_id(runtime, eff), jitter=planner.start_jitter(eff.interval),
             executor=SWEEPS if eff.collector.scope == "database" else "default",
             next_run_time=first, misfire_grace_time=max(1, int(eff.interval)),
         )

@@ -39,9 +39,18 @@ from exporter.snapshot import Snapshot
 
 log = logging.getLogger("pgvitals.engine")
 
-#: A collector of a shared pass reuses the pass another ran in the same database this recently (a share
-#: of its own interval: the tolerance its runs' start times have anyway).
+#: A collector of a shared pass reuses the pass another ran in the same database this recently, as a
+#: share of its own interval (the tolerance its runs' start times have anyway) ...
 PASS_REUSE = 0.1
+
+
+def pass_reuse_window(interval: float) -> float:
+    """... or within two start jitters (theirs and ours, either way) and the first run's second of spread.
+
+    At 60 s the jitter (5 s) made two collectors of a pass start up to 11 s apart: with a window of 6 s
+    about one pair in six read the database twice.
+    """
+    return max(PASS_REUSE * interval, 2 * planner.start_jitter(interval) + 1.0)
 #: Collector state key: when the collector last got its rows in a database (its own pass or a reused one).
 SERVED_AT = "served_at"
 
@@ -463,7 +472,7 @@ class Engine:
             served = state.get(SERVED_AT)
             # Reuse only a pass another collector ran since this one last got its rows, and only a recent one.
             if at is not None and (served is None or at > served) and collector.name in sections \
-                    and time.monotonic() - at <= PASS_REUSE * eff.interval:
+                    and time.monotonic() - at <= pass_reuse_window(eff.interval):
                 state[SERVED_AT] = time.monotonic()
                 return self._render(runtime, collector, dbname, sections[collector.name])
             try:
@@ -480,9 +489,10 @@ class Engine:
         for e in self.applicable(runtime):
             if e.collector.shared_pass == collector.shared_pass:
                 state = runtime.state.setdefault((e.collector.name, dbname or ""), {})
-                # Due: its next run is expected within the reuse window (runs start up to 10 % late or early).
+                # Due: its next run may start within the reuse window. Generous on purpose: a section read
+                # for nothing costs a little, a collector arriving to find its section missing a whole pass.
                 served = state.get(SERVED_AT)
-                due = served is None or now - served >= (1 - 2 * PASS_REUSE) * e.interval
+                due = served is None or now - served >= e.interval - 2 * pass_reuse_window(e.interval)
                 peers[e.collector.name] = Peer(e.params, state, due)
         return peers
 

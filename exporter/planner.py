@@ -45,6 +45,11 @@ def effective_collectors(catalog: Catalog, settings: Settings) -> list[Effective
     return out
 
 
+def start_jitter(interval: float) -> float:
+    """How far either way a run may start from its schedule: spreads many targets' runs over time."""
+    return min(interval * 0.1, 5.0)
+
+
 def applicable(effective: Iterable[Effective], is_pgbouncer: bool) -> list[Effective]:
     """Enabled collectors of the target's kind (version and role are checked at each run)."""
     kind = "pgbouncer" if is_pgbouncer else "postgres"

@@ -82,6 +82,33 @@ def test_four_collectors_one_query_per_database(pg: Server, fresh_db: str) -> No
         assert _pass_runs(pg, fresh_db) - before == 2 + len(PASS)
 
 
+def test_collectors_a_start_jitter_apart_share_one_pass(pg: Server, fresh_db: str) -> None:
+    """Every 60 s, runs start up to 5 s early or late: two collectors of the pass can start 10 s apart."""
+    _some_tables(pg, fresh_db)
+    every_minute = {name: {"interval": "60s", "timeout": "30s"} for name in PASS}
+    with Runner(pg, only=PASS, targets=_target(pg, fresh_db), strict=True, collectors=every_minute) as runner:
+        runner.collect()
+        before = _pass_runs(pg, fresh_db)
+        runtime = runner.engine.targets["main"]
+        first, *others = (runner.engine.collectors[name] for name in PASS)
+        # A minute later the first of them comes and reads the pass ...
+        for state in runtime.state.values():
+            if SERVED_AT in state:
+                state[SERVED_AT] -= 60
+        for shared in runtime.passes.values():
+            shared["at"] -= 60
+        runner.engine.collect(runtime, first)
+        # ... and the other three 10 s after it: they reuse what it read.
+        for shared in runtime.passes.values():
+            shared["at"] -= 10
+        for eff in others:
+            runner.engine.collect(runtime, eff)
+        assert _pass_runs(pg, fresh_db) - before == 1
+        metrics = Metrics(runner.snapshot.render().decode())
+        for name in PASS:
+            assert metrics.value("pgvitals_collector_success", collector=name) == 1
+
+
 def test_a_reused_pass_gives_what_each_collector_reads_alone(pg: Server, fresh_db: str) -> None:
     _some_tables(pg, fresh_db)
     with Runner(pg, only=PASS, targets=_target(pg, fresh_db), strict=True) as runner:
