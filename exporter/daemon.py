@@ -409,6 +409,9 @@ class Daemon:
         signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=self.reload, name="reload",
                                                                   daemon=True).start())
         self.start()
-        done.wait()
+        # Wake up now and then: a signal the kernel gives another thread only marks the handler pending,
+        # and a main thread blocked in an untimed wait would never run it (SIGTERM lost about 1 time in 8).
+        while not done.wait(timeout=0.5):
+            pass
         log.info("stopping")
         self.stop()
