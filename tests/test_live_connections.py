@@ -6,6 +6,7 @@ exporter's sessions have ended so that every backend has flushed its statistics.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -91,3 +92,49 @@ def test_a_sweep_leaves_one_connection_for_server_level_collectors(many_database
             assert refused.value.reason == "busy"
             with conns.session(None, wait=5) as server_level:
                 assert server_level.query("SELECT current_database() AS d")[0]["d"] == "postgres"
+
+
+def test_a_run_waits_for_its_databases_busy_connection_rather_than_open_one_it_cannot_keep(
+        pg: Server, fresh_db: str) -> None:
+    target = {"name": "share", "dsn": pg.dsn(), "max_connections": 2, "idle_connections": 2,
+              "databases": {"include": [fresh_db]}}
+    with Runner(pg, only=[], targets=[target], strict=True) as runner:
+        runner.collect()
+        conns = runner.engine.targets["share"].conns
+        with conns.session(fresh_db):
+            pass  # two open now: the DSN's database (idle) and fresh_db (idle)
+        opened = conns.opened
+        got: list[int] = []
+
+        def second_run() -> None:
+            with conns.session(None, wait=10) as session:
+                got.append(int(session.query("SELECT pg_backend_pid() AS pid")[0]["pid"]))
+
+        with conns.session(None) as first:
+            first_pid = int(first.query("SELECT pg_backend_pid() AS pid")[0]["pid"])
+            waiting = threading.Thread(target=second_run)
+            waiting.start()
+            wait_until(lambda: conns._returned._waiters, timeout=10, interval=0.01)  # type: ignore[attr-defined]
+        waiting.join(10)
+        # The second run got the first one's connection: no new session, fresh_db's connection kept.
+        assert got == [first_pid] and conns.opened == opened
+        assert conns.idle_databases() == [fresh_db, "postgres"]
+
+        # Held longer than the wait: the second run opens a connection of its own after SHARE_WAIT.
+        conns.SHARE_WAIT = 0.2
+        with conns.session(None):
+            waiting = threading.Thread(target=second_run)
+            waiting.start()
+            waiting.join(10)
+            assert not waiting.is_alive() and got[-1] != first_pid and conns.opened == opened + 1
+
+
+def test_a_run_opens_another_connection_at_once_when_it_can_be_kept_idle(pg: Server) -> None:
+    target = {"name": "parallel", "dsn": pg.dsn(), "max_connections": 2, "idle_connections": 3}
+    with Runner(pg, only=[], targets=[target], strict=True) as runner:
+        runner.collect()
+        conns = runner.engine.targets["parallel"].conns
+        opened = conns.opened
+        with conns.session(None), conns.session(None, wait=0.5) as second:
+            assert second.query("SELECT 1 AS one")[0]["one"] == 1
+        assert conns.opened == opened + 1
