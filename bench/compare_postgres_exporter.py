@@ -23,6 +23,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from exporter.localpg import LocalCluster, free_port, wait_until
 
@@ -84,6 +85,16 @@ def pass_runs(cluster: LocalCluster, role: str) -> int:
         f"WHERE r.rolname = '{role}' AND s.query LIKE '%AS section%'"
     )
     return int(rows[0]["n"])
+
+
+def top_statements(cluster: LocalCluster, role: str, limit: int = 6) -> list[dict[str, Any]]:
+    """The role's costliest statements (pg_stat_statements): where its database time goes."""
+    return cluster.execute(
+        "SELECT s.calls, s.total_exec_time + s.total_plan_time AS ms, d.datname, "
+        "left(regexp_replace(s.query, '\\s+', ' ', 'g'), 60) AS query FROM pg_stat_statements s "
+        "JOIN pg_roles r ON r.oid = s.userid JOIN pg_database d ON d.oid = s.dbid "
+        f"WHERE r.rolname = '{role}' ORDER BY ms DESC LIMIT {limit}"
+    )
 
 
 def main() -> int:
@@ -175,6 +186,11 @@ def main() -> int:
             ratio = f"{a / b:.1f}x" if b else "n/a"
             print(f"| {label} | {fmt.format(a)} | {fmt.format(b)} | {ratio} |")
         print("\nrelations pass runs per minute: " + ", ".join(f"{r} {n:.2f}" for r, n in passes.items()))
+        for role in roles:
+            print(f"\n{role}'s costliest statements over the window (calls, ms per minute, ms per call):")
+            for row in top_statements(cluster, role):
+                calls, ms = int(row["calls"]), float(row["ms"])
+                print(f"  {calls:6d} {ms / minutes:8.1f} {ms / calls:8.2f}  {row['datname']}: {row['query']}")
         return 0
     finally:
         for proc in procs:
