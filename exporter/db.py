@@ -501,6 +501,7 @@ class TargetConnections:
         """Close every idle connection for good: no new session opens, a borrowed one is closed when given back."""
         with self._lock:
             self._closed = True
+            self._returned.notify_all()  # a run waiting for a busy connection gives up now
         self.close_all()
 
 
