@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from exporter.db import CollectError
+from exporter.db import CollectError, TargetDown
 from exporter.localpg import wait_until
 from tests.support.exporters import Runner
 from tests.support.servers import Server, start_server
@@ -138,3 +138,28 @@ def test_a_run_opens_another_connection_at_once_when_it_can_be_kept_idle(pg: Ser
         with conns.session(None), conns.session(None, wait=0.5) as second:
             assert second.query("SELECT 1 AS one")[0]["one"] == 1
         assert conns.opened == opened + 1
+
+
+def test_closing_the_target_wakes_a_run_waiting_for_its_busy_connection(pg: Server) -> None:
+    target = {"name": "closing", "dsn": pg.dsn(), "max_connections": 2, "idle_connections": 1}
+    with Runner(pg, only=[], targets=[target], strict=True) as runner:
+        runner.collect()
+        conns = runner.engine.targets["closing"].conns
+        conns.SHARE_WAIT = 600.0  # only close() can end this wait within the join below
+        outcome: list[BaseException] = []
+
+        def waiting_run() -> None:
+            try:
+                with conns.session(None, wait=600):
+                    pass
+            except BaseException as exc:  # the test inspects what the run raised
+                outcome.append(exc)
+
+        with conns.session(None):
+            waiter = threading.Thread(target=waiting_run)
+            waiter.start()
+            wait_until(lambda: conns._returned._waiters, timeout=10, interval=0.01)  # type: ignore[attr-defined]
+            conns.close()
+            waiter.join(30)
+            assert not waiter.is_alive()
+        assert len(outcome) == 1 and isinstance(outcome[0], TargetDown) and outcome[0].reason == "removed"
